@@ -1,0 +1,1 @@
+"""medsam_adapter app code: ``core`` (plain PyTorch/NumPy) and thin MONAI Label glue."""

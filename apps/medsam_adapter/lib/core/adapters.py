@@ -1,0 +1,100 @@
+"""Bottleneck adapters (Medical SAM Adapter design) added to a backbone by wrapping its sub-modules.
+
+The backbone's own classes are never modified: a block's ``attn``/``mlp`` attribute is replaced by a
+wrapper module that calls the original and adds the adapter's output. Up-projections start at zero,
+so a freshly adapted model computes exactly what the base model computes.
+"""
+
+from __future__ import annotations
+
+from torch import Tensor, nn
+
+from .config import AdapterSettings
+
+
+class BottleneckAdapter(nn.Module):
+    """down-projection -> GELU -> up-projection (zero-initialised)."""
+
+    def __init__(self, dim: int, ratio: float = 0.25) -> None:
+        super().__init__()
+        hidden = max(1, round(dim * ratio))
+        self.down = nn.Linear(dim, hidden)
+        self.act = nn.GELU()
+        self.up = nn.Linear(hidden, dim)
+        nn.init.zeros_(self.up.weight)
+        nn.init.zeros_(self.up.bias)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.up(self.act(self.down(x)))
+
+
+class SerialAdapter(nn.Module):
+    """``y = f(...); y + adapter(y)`` — an adapter on the output of ``f``."""
+
+    def __init__(self, inner: nn.Module, dim: int, ratio: float) -> None:
+        super().__init__()
+        self.inner = inner
+        self.adapter = BottleneckAdapter(dim, ratio)
+
+    def forward(self, *args: Tensor, **kwargs: Tensor) -> Tensor:
+        y = self.inner(*args, **kwargs)
+        return y + self.adapter(y)
+
+
+class ParallelAdapter(nn.Module):
+    """``f(x) + scale * adapter(x)`` — an adapter beside ``f``."""
+
+    def __init__(self, inner: nn.Module, dim: int, ratio: float, scale: float) -> None:
+        super().__init__()
+        self.inner = inner
+        self.adapter = BottleneckAdapter(dim, ratio)
+        self.scale = scale
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.inner(x) + self.scale * self.adapter(x)
+
+
+def _first_linear_in(module: nn.Module) -> int:
+    for m in module.modules():
+        if isinstance(m, nn.Linear):
+            return m.in_features
+    raise ValueError(f"no Linear layer in {type(module).__name__}")
+
+
+def encoder_blocks(image_encoder: nn.Module) -> list[nn.Module]:
+    """Transformer blocks of a TinyViT or ViT encoder: modules with an ``attn`` and an ``mlp``."""
+    return [
+        m for m in image_encoder.modules()
+        if isinstance(getattr(m, "attn", None), nn.Module) and isinstance(getattr(m, "mlp", None), nn.Module)
+    ]
+
+
+def decoder_blocks(mask_decoder: nn.Module) -> list[nn.Module]:
+    """Two-way attention blocks of a SAM mask decoder."""
+    return [
+        m for m in mask_decoder.modules()
+        if all(isinstance(getattr(m, a, None), nn.Module)
+               for a in ("self_attn", "cross_attn_token_to_image", "mlp", "cross_attn_image_to_token"))
+    ]
+
+
+def add_encoder_adapters(image_encoder: nn.Module, settings: AdapterSettings) -> int:
+    """Two adapters per transformer block: after attention, and beside the MLP. Returns the block count."""
+    blocks = encoder_blocks(image_encoder)
+    for block in blocks:
+        dim = _first_linear_in(block.mlp)
+        block.attn = SerialAdapter(block.attn, dim, settings.ratio)
+        block.mlp = ParallelAdapter(block.mlp, dim, settings.ratio, settings.mlp_scale)
+    return len(blocks)
+
+
+def add_decoder_adapters(mask_decoder: nn.Module, settings: AdapterSettings) -> int:
+    """Three adapters per two-way block: after token self-attention, beside the token MLP, after
+    image-to-token cross-attention. Returns the block count."""
+    blocks = decoder_blocks(mask_decoder)
+    for block in blocks:
+        dim = block.self_attn.embedding_dim
+        block.self_attn = SerialAdapter(block.self_attn, dim, settings.ratio)
+        block.mlp = ParallelAdapter(block.mlp, dim, settings.ratio, settings.mlp_scale)
+        block.cross_attn_image_to_token = SerialAdapter(block.cross_attn_image_to_token, dim, settings.ratio)
+    return len(blocks)

@@ -1,0 +1,196 @@
+"""Model profiles: one TOML file per profile in ``configs/``, parsed once into typed settings."""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+TRAINABLE_PARTS = (
+    "encoder_adapters",
+    "decoder_adapters",
+    "output_upscaling",
+    "hypernetworks",
+    "iou_head",
+    "mask_tokens",
+    "prompt_free_head",
+)
+INTENSITY_MODES = ("auto", "ct", "percentile", "minmax")
+
+
+class ProfileError(ValueError):
+    """A model profile is missing, malformed or inconsistent."""
+
+
+@dataclass(frozen=True)
+class AdapterSettings:
+    encoder: bool = True
+    decoder: bool = True
+    ratio: float = 0.25
+    mlp_scale: float = 0.5
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"encoder": self.encoder, "decoder": self.decoder, "ratio": self.ratio, "mlp_scale": self.mlp_scale}
+
+
+@dataclass(frozen=True)
+class PreprocessSettings:
+    intensity: str = "auto"  # auto | ct | percentile | minmax
+    ct_window: str = "soft_tissue"
+    percentiles: tuple[float, float] = (0.5, 99.5)
+    per_slice_minmax: bool = True  # LiteMedSAM's own inference rescales each slice to [0, 1]
+
+
+@dataclass(frozen=True)
+class InferenceSettings:
+    multimask_for_single_click: bool = False
+    propagate_with_logits: bool = False
+    propagation_box_margin: int = 3
+    propagation_min_area: int = 10
+    propagation_min_iou: float = 0.0
+    embedding_cache_mb: int = 512
+    volume_cache_mb: int = 1024
+
+
+@dataclass(frozen=True)
+class ModelProfile:
+    """Everything that decides how one model is built, adapted and run."""
+
+    name: str
+    backbone: str
+    checkpoint: Path | None = None
+    adapters: AdapterSettings = field(default_factory=AdapterSettings)
+    trainable: tuple[str, ...] = TRAINABLE_PARTS
+    preprocessing: PreprocessSettings = field(default_factory=PreprocessSettings)
+    inference: InferenceSettings = field(default_factory=InferenceSettings)
+    labels: tuple[str, ...] = ()
+    adapter_checkpoint: Path | None = None  # default adapters shipped with the app (None: bare base model)
+    description: str = ""
+    source: Path | None = None
+
+    def checkpoint_problem(self) -> str | None:
+        """Why this profile cannot be built now (missing checkpoint file), or None when it can."""
+        from .backbones import BACKBONES
+
+        spec = BACKBONES[self.backbone]
+        if spec.needs_checkpoint and self.checkpoint is None:
+            return f"profile '{self.name}': backbone '{self.backbone}' needs `checkpoint = \"/path/to/file.pth\"`"
+        if spec.needs_checkpoint and not self.checkpoint.is_file():
+            return f"profile '{self.name}': checkpoint for backbone '{self.backbone}' not found at {self.checkpoint}"
+        return None
+
+
+def _section(data: dict[str, Any], key: str, cls: type, where: str) -> Any:
+    raw = data.pop(key, {})
+    if not isinstance(raw, dict):
+        raise ProfileError(f"{where}: [{key}] must be a table")
+    allowed = {f.name for f in fields(cls)}
+    unknown = sorted(set(raw) - allowed)
+    if unknown:
+        raise ProfileError(f"{where}: unknown key(s) in [{key}]: {unknown}; allowed: {sorted(allowed)}")
+    values = {}
+    for f in fields(cls):
+        if f.name not in raw:
+            continue
+        value = raw[f.name]
+        default = getattr(cls(), f.name)
+        if isinstance(default, tuple):
+            if not isinstance(value, list) or len(value) != len(default):
+                raise ProfileError(f"{where}: [{key}].{f.name} must be a list of {len(default)} numbers")
+            value = tuple(float(v) for v in value)
+        elif isinstance(default, bool):
+            if not isinstance(value, bool):
+                raise ProfileError(f"{where}: [{key}].{f.name} must be true or false")
+        elif isinstance(default, (int, float)):
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise ProfileError(f"{where}: [{key}].{f.name} must be a number")
+            value = type(default)(value)
+        elif isinstance(default, str) and not isinstance(value, str):
+            raise ProfileError(f"{where}: [{key}].{f.name} must be a string")
+        values[f.name] = value
+    return cls(**values)
+
+
+def _path(value: Any, base: Path, where: str, key: str) -> Path | None:
+    if value in (None, ""):
+        return None
+    if not isinstance(value, str):
+        raise ProfileError(f"{where}: `{key}` must be a path string")
+    path = Path(os.path.expandvars(os.path.expanduser(value)))
+    return path if path.is_absolute() else (base / path).resolve()
+
+
+def parse_profile(data: dict[str, Any], source: Path | None = None) -> ModelProfile:
+    """Validate a profile dictionary (as read from TOML) into a :class:`ModelProfile`."""
+    from .backbones import BACKBONES
+    from .preprocess import CT_WINDOWS
+
+    data = dict(data)
+    where = str(source) if source else "profile"
+    base = source.parent if source else Path.cwd()
+    name = data.pop("name", source.stem if source else None)
+    backbone = data.pop("backbone", None)
+    if not isinstance(name, str) or not name:
+        raise ProfileError(f"{where}: `name` must be a non-empty string")
+    if backbone not in BACKBONES:
+        raise ProfileError(f"{where}: unknown backbone {backbone!r}; known: {sorted(BACKBONES)}")
+    checkpoint = _path(data.pop("checkpoint", None), base, where, "checkpoint")
+    adapter_checkpoint = _path(data.pop("adapter_checkpoint", None), base, where, "adapter_checkpoint")
+    adapters = _section(data, "adapters", AdapterSettings, where)
+    if not 0 < adapters.ratio <= 1:
+        raise ProfileError(f"{where}: [adapters].ratio must be in (0, 1], got {adapters.ratio}")
+    preprocessing = _section(data, "preprocessing", PreprocessSettings, where)
+    if preprocessing.intensity not in INTENSITY_MODES:
+        raise ProfileError(f"{where}: [preprocessing].intensity must be one of {INTENSITY_MODES}")
+    if preprocessing.ct_window not in CT_WINDOWS:
+        raise ProfileError(f"{where}: [preprocessing].ct_window must be one of {sorted(CT_WINDOWS)}")
+    inference = _section(data, "inference", InferenceSettings, where)
+    trainable = data.pop("trainable", list(TRAINABLE_PARTS))
+    if not isinstance(trainable, list) or any(p not in TRAINABLE_PARTS for p in trainable):
+        raise ProfileError(f"{where}: `trainable` must be a list drawn from {list(TRAINABLE_PARTS)}")
+    labels = data.pop("labels", [])
+    if not isinstance(labels, list) or not all(isinstance(x, str) and x for x in labels):
+        raise ProfileError(f"{where}: `labels` must be a list of non-empty strings")
+    if len(set(labels)) != len(labels) or "background" in labels:
+        raise ProfileError(f"{where}: `labels` must be unique and must not contain 'background'")
+    description = data.pop("description", "")
+    if data:
+        raise ProfileError(f"{where}: unknown key(s): {sorted(data)}")
+    return ModelProfile(
+        name=name,
+        backbone=backbone,
+        checkpoint=checkpoint,
+        adapters=adapters,
+        trainable=tuple(trainable),
+        preprocessing=preprocessing,
+        inference=inference,
+        labels=tuple(labels),
+        adapter_checkpoint=adapter_checkpoint,
+        description=str(description),
+        source=source,
+    )
+
+
+def load_profile(path: str | Path) -> ModelProfile:
+    """Read and validate one profile file."""
+    path = Path(path)
+    try:
+        data = tomllib.loads(path.read_text())
+    except FileNotFoundError:
+        raise ProfileError(f"profile file not found: {path}") from None
+    except tomllib.TOMLDecodeError as e:
+        raise ProfileError(f"{path}: not valid TOML: {e}") from None
+    return parse_profile(data, source=path)
+
+
+def load_profiles(directory: str | Path) -> dict[str, ModelProfile]:
+    """All profiles in a directory, by name (file order is alphabetical)."""
+    profiles: dict[str, ModelProfile] = {}
+    for path in sorted(Path(directory).glob("*.toml")):
+        profile = load_profile(path)
+        if profile.name in profiles:
+            raise ProfileError(f"{path}: profile name {profile.name!r} is used twice")
+        profiles[profile.name] = profile
+    return profiles

@@ -1,0 +1,132 @@
+"""SlicePredictor: box and/or clicks and/or previous logits on one 2D slice -> mask + logits."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from .cache import EmbeddingCache, content_key
+from .config import InferenceSettings, PreprocessSettings
+from .model import AdaptedSam
+from .preprocess import IntensityWindow, LetterboxFrame, normalize_slice
+
+
+@dataclass(frozen=True)
+class LoadedModel:
+    """One immutable model version; requests hold on to the snapshot they started with."""
+
+    model: AdaptedSam
+    version: int  # 0: base model without trained adapters
+    encoder_fingerprint: str  # changes only when the encoder's adapters change
+
+    @property
+    def name(self) -> str:
+        return f"v{self.version}" if self.version else "base"
+
+
+@dataclass
+class SliceResult:
+    mask: np.ndarray  # bool (rows, cols) in display orientation
+    low_res_logits: Tensor  # (1, 1, h, w), CPU, for the next round
+    iou: float
+    embedding_cached: bool
+    timings_ms: dict[str, float] = field(default_factory=dict)
+
+
+class SlicePredictor:
+    """Runs the adapted model on display-oriented 2D slices, caching image embeddings."""
+
+    def __init__(
+        self,
+        loaded: LoadedModel,
+        cache: EmbeddingCache,
+        preprocessing: PreprocessSettings,
+        inference: InferenceSettings,
+        device: torch.device | str = "cpu",
+    ) -> None:
+        self.loaded = loaded
+        self.model = loaded.model
+        self.cache = cache
+        self.preprocessing = preprocessing
+        self.inference = inference
+        self.device = torch.device(device)
+
+    def frame(self, image: np.ndarray, spacing: tuple[float, float] = (1.0, 1.0)) -> LetterboxFrame:
+        return LetterboxFrame.fit(image.shape, self.model.img_size, spacing)
+
+    def embed(
+        self, image: np.ndarray, window: IntensityWindow, spacing: tuple[float, float] = (1.0, 1.0)
+    ) -> tuple[Tensor, LetterboxFrame, bool, float]:
+        """Embedding of a raw-intensity slice: (embedding, frame, was_cached, milliseconds)."""
+        frame = self.frame(image, spacing)
+        key = content_key(
+            image, window.key(), self.preprocessing.per_slice_minmax, frame, self.model.backbone_name
+        )
+
+        def compute() -> Tensor:
+            x = normalize_slice(image, window, self.preprocessing.per_slice_minmax)
+            with torch.inference_mode():
+                return self.model.encode(frame.image_to_model(x).to(self.device))
+
+        start = time.perf_counter()
+        embedding, cached = self.cache.get_or_compute(self.loaded.encoder_fingerprint, key, compute)
+        return embedding, frame, cached, (time.perf_counter() - start) * 1e3
+
+    def predict(
+        self,
+        image: np.ndarray,
+        window: IntensityWindow,
+        spacing: tuple[float, float] = (1.0, 1.0),
+        points_rc: np.ndarray | None = None,
+        point_labels: np.ndarray | None = None,
+        box_rc: tuple[int, int, int, int] | None = None,
+        mask_logits: Tensor | None = None,
+    ) -> SliceResult:
+        """Segment one object. ``points_rc``: (N, 2) display (row, col); ``point_labels``: 1 fg / 0 bg;
+        ``box_rc``: inclusive (r0, c0, r1, c1); ``mask_logits``: previous low-res logits (1, 1, h, w)."""
+        n_points = 0 if points_rc is None else len(points_rc)
+        if n_points == 0 and box_rc is None and mask_logits is None:
+            raise ValueError("predict needs at least one of: points, box, previous logits")
+        embedding, frame, cached, enc_ms = self.embed(image, window, spacing)
+        start = time.perf_counter()
+        points = boxes = None
+        if n_points:
+            xy = torch.as_tensor(frame.points_to_model(points_rc), dtype=torch.float32, device=self.device)
+            labels = torch.as_tensor(np.asarray(point_labels).reshape(-1), dtype=torch.int64, device=self.device)
+            points = (xy[None], labels[None])
+        if box_rc is not None:
+            boxes = torch.as_tensor(frame.box_to_model(*box_rc), dtype=torch.float32, device=self.device)[None]
+        if mask_logits is not None:
+            mask_logits = mask_logits.to(self.device, torch.float32)
+        multimask = (
+            self.inference.multimask_for_single_click and n_points == 1 and box_rc is None and mask_logits is None
+        )
+        with torch.inference_mode():
+            out = self.model.decode(embedding, points=points, boxes=boxes, mask_logits=mask_logits, multimask=multimask)
+            best = int(out.iou[0].argmax()) if multimask else 0
+            low_res = out.low_res_logits[:, best : best + 1]
+            logits = frame.logits_to_slice(low_res)[0, 0]
+            mask = (logits > 0).cpu().numpy()
+        dec_ms = (time.perf_counter() - start) * 1e3
+        return SliceResult(
+            mask=mask,
+            low_res_logits=low_res.detach().cpu(),
+            iou=float(out.iou[0, best]),
+            embedding_cached=cached,
+            timings_ms={"encoder": 0.0 if cached else enc_ms, "decoder": dec_ms},
+        )
+
+    def predict_auto(
+        self, image: np.ndarray, window: IntensityWindow, spacing: tuple[float, float] = (1.0, 1.0)
+    ) -> tuple[np.ndarray, dict[str, float]]:
+        """Prompt-free label map (rows, cols) with values 0 (background) .. len(labels)."""
+        embedding, frame, cached, enc_ms = self.embed(image, window, spacing)
+        start = time.perf_counter()
+        with torch.inference_mode():
+            logits = frame.logits_to_slice(self.model.auto_segment(embedding))
+            labels = logits[0].argmax(dim=0).to(torch.uint8).cpu().numpy()
+        return labels, {"encoder": 0.0 if cached else enc_ms, "decoder": (time.perf_counter() - start) * 1e3}

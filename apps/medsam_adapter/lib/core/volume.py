@@ -1,0 +1,174 @@
+"""Volumes as stored (array in file index order + RAS affine), read and written with nibabel / pynrrd."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass
+from pathlib import Path
+
+import nibabel as nib
+import nrrd
+import numpy as np
+
+LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
+NIFTI_SUFFIXES = (".nii", ".nii.gz")
+NRRD_SUFFIXES = (".nrrd", ".seg.nrrd")
+
+
+class VolumeError(ValueError):
+    """A file is not a readable image volume of the kind expected."""
+
+
+@dataclass(frozen=True)
+class Volume:
+    """A 3D array indexed [i, j, k] as stored in the file, and its voxel-to-RAS (mm) affine."""
+
+    array: np.ndarray
+    affine: np.ndarray
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        return tuple(self.array.shape)  # type: ignore[return-value]
+
+
+def _suffix(path: Path) -> str:
+    name = path.name.lower()
+    for s in (".nii.gz", ".seg.nrrd", ".nii", ".nrrd", ".png", ".jpg", ".jpeg"):
+        if name.endswith(s):
+            return s
+    return path.suffix.lower()
+
+
+def _as_3d(array: np.ndarray, path: Path) -> np.ndarray:
+    if array.ndim == 2:
+        return array[:, :, None]
+    if array.ndim == 4 and array.shape[3] == 1:
+        return array[..., 0]
+    if array.ndim != 3:
+        raise VolumeError(f"{path.name}: expected a 3D image, got {array.ndim}D with shape {array.shape}")
+    return array
+
+
+def load_volume(path: str | Path) -> Volume:
+    """Read a NIfTI, NRRD or 2D PNG/JPG file without reorienting it."""
+    path = Path(path)
+    if not path.is_file():
+        raise VolumeError(f"image file not found: {path}")
+    kind = _suffix(path)
+    try:
+        if kind in NIFTI_SUFFIXES:
+            img = nib.load(str(path))
+            array, affine = np.asanyarray(img.dataobj), img.affine
+        elif kind in NRRD_SUFFIXES:
+            array, header = nrrd.read(str(path))
+            affine = nrrd_affine(header, array.ndim)
+        elif kind in (".png", ".jpg", ".jpeg"):
+            from PIL import Image
+
+            with Image.open(path) as im:
+                gray = np.asarray(im.convert("L"))
+            # a 2D picture: rows top to bottom, columns left to right; store as [col, row] like a
+            # NIfTI written from it (i = x), with an LPS-like affine so the display keeps its look.
+            array = gray.T
+            affine = np.diag([-1.0, -1.0, 1.0, 1.0])
+        else:
+            raise VolumeError(f"{path.name}: unsupported image format (use NIfTI, NRRD, PNG or JPG)")
+    except VolumeError:
+        raise
+    except Exception as e:  # noqa: BLE001 - any reader failure is a bad file for the user
+        raise VolumeError(f"{path.name}: cannot read image ({type(e).__name__}: {e})") from None
+    array = _as_3d(np.asarray(array), path)
+    if not np.all(np.isfinite(affine)) or abs(np.linalg.det(affine[:3, :3])) < 1e-12:
+        raise VolumeError(f"{path.name}: image has an invalid (singular or non-finite) affine")
+    return Volume(array, np.asarray(affine, dtype=np.float64))
+
+
+def nrrd_affine(header: dict, ndim: int) -> np.ndarray:
+    """Voxel-to-RAS affine from an NRRD header (space directions are rows, one per axis)."""
+    directions = header.get("space directions")
+    origin = header.get("space origin")
+    affine = np.eye(4)
+    if directions is not None:
+        rows = [np.asarray(d, dtype=np.float64) for d in directions if d is not None and np.all(np.isfinite(d))]
+        if len(rows) < 2:
+            raise VolumeError("NRRD header has no usable space directions")
+        mat = np.stack(rows[:3], axis=1)
+        if mat.shape[1] == 2:
+            mat = np.column_stack([mat, np.cross(mat[:, 0], mat[:, 1]) / max(np.linalg.norm(np.cross(mat[:, 0], mat[:, 1])), 1e-12)])
+        affine[:3, :3] = mat
+    if origin is not None:
+        affine[:3, 3] = np.asarray(origin, dtype=np.float64)
+    space = str(header.get("space", "left-posterior-superior")).lower()
+    if space in ("left-posterior-superior", "lps"):
+        affine = LPS_TO_RAS @ affine
+    elif space not in ("right-anterior-superior", "ras"):
+        raise VolumeError(f"NRRD space {space!r} is not supported")
+    return affine
+
+
+def write_label(array: np.ndarray, affine: np.ndarray, path: str | Path) -> Path:
+    """Write a label volume with the given affine; the format follows the suffix (.nrrd or .nii/.nii.gz)."""
+    path = Path(path)
+    kind = _suffix(path)
+    if kind in NRRD_SUFFIXES:
+        lps = np.linalg.inv(LPS_TO_RAS) @ affine
+        header = {
+            "space": "left-posterior-superior",
+            "space directions": lps[:3, :3].T,
+            "space origin": lps[:3, 3],
+            "kinds": ["domain", "domain", "domain"],
+            "encoding": "gzip",
+        }
+        nrrd.write(str(path), np.asarray(array), header, index_order="F")
+    elif kind in NIFTI_SUFFIXES:
+        img = nib.Nifti1Image(np.asarray(array), affine)
+        img.set_qform(affine, code=1)
+        img.set_sform(affine, code=1)
+        nib.save(img, str(path))
+    else:
+        raise VolumeError(f"unsupported result extension for {path.name} (use .nrrd, .nii or .nii.gz)")
+    return path
+
+
+def temp_label_path(extension: str) -> Path:
+    fd, name = tempfile.mkstemp(suffix=extension, prefix="medsam_")
+    os.close(fd)
+    return Path(name)
+
+
+class VolumeCache:
+    """LRU cache of loaded volumes keyed by (path, size, mtime), bounded in megabytes, thread-safe."""
+
+    def __init__(self, max_mb: float) -> None:
+        self.max_bytes = int(max_mb * 1e6)
+        self._items: OrderedDict[tuple, Volume] = OrderedDict()
+        self._lock = threading.Lock()
+        self._bytes = 0
+
+    def get(self, path: str | Path) -> Volume:
+        path = Path(path)
+        try:
+            st = path.stat()
+        except OSError:
+            raise VolumeError(f"image file not found: {path}") from None
+        key = (str(path.resolve()), st.st_size, st.st_mtime_ns)
+        with self._lock:
+            if key in self._items:
+                self._items.move_to_end(key)
+                return self._items[key]
+        volume = load_volume(path)
+        with self._lock:
+            if key not in self._items and volume.array.nbytes <= self.max_bytes:
+                self._items[key] = volume
+                self._bytes += volume.array.nbytes
+                while self._bytes > self.max_bytes:
+                    _, old = self._items.popitem(last=False)
+                    self._bytes -= old.array.nbytes
+        return volume
+
+    @property
+    def nbytes(self) -> int:
+        return self._bytes
