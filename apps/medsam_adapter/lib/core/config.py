@@ -46,6 +46,7 @@ class PreprocessSettings:
 @dataclass(frozen=True)
 class InferenceSettings:
     multimask_for_single_click: bool = False
+    refine_with_logits: bool = True  # DeepEdit-style: feed the previous low-res logits back with new clicks
     propagate_with_logits: bool = False
     propagation_box_margin: int = 3
     propagation_min_area: int = 10

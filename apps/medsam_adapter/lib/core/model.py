@@ -13,7 +13,7 @@ from .config import TRAINABLE_PARTS, AdapterSettings, ModelProfile
 from .heads import PromptFreeHead
 
 
-def _part_of(name: str) -> str | None:
+def part_of(name: str) -> str | None:
     """Which trainable part a parameter name belongs to (None: frozen backbone)."""
     if name.startswith("prompt_free_head."):
         return "prompt_free_head"
@@ -84,14 +84,14 @@ class AdaptedSam(nn.Module):
         if unknown:
             raise ValueError(f"parts {sorted(unknown)} are not trainable in this profile ({self.trainable_parts})")
         for name, p in self.named_parameters():
-            p.requires_grad_(_part_of(name) in parts)
+            p.requires_grad_(part_of(name) in parts)
 
     def adaptable_state(self) -> dict[str, Tensor]:
         """The tensors an adapter checkpoint holds: every parameter of the profile's trainable parts."""
         return {
             name: p.detach().clone()
             for name, p in self.named_parameters()
-            if _part_of(name) in self.trainable_parts
+            if part_of(name) in self.trainable_parts
         }
 
     def parameter_counts(self) -> dict[str, int]:
@@ -101,7 +101,7 @@ class AdaptedSam(nn.Module):
             n = p.numel()
             counts["total"] += n
             counts["trainable"] += n if p.requires_grad else 0
-            part = _part_of(name)
+            part = part_of(name)
             if part in self.trainable_parts:
                 counts["adaptable"] += n
             if part:

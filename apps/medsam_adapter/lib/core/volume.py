@@ -97,7 +97,8 @@ def nrrd_affine(header: dict, ndim: int) -> np.ndarray:
             raise VolumeError("NRRD header has no usable space directions")
         mat = np.stack(rows[:3], axis=1)
         if mat.shape[1] == 2:
-            mat = np.column_stack([mat, np.cross(mat[:, 0], mat[:, 1]) / max(np.linalg.norm(np.cross(mat[:, 0], mat[:, 1])), 1e-12)])
+            normal = np.cross(mat[:, 0], mat[:, 1])
+            mat = np.column_stack([mat, normal / max(float(np.linalg.norm(normal)), 1e-12)])
         affine[:3, :3] = mat
     if origin is not None:
         affine[:3, 3] = np.asarray(origin, dtype=np.float64)
@@ -109,8 +110,9 @@ def nrrd_affine(header: dict, ndim: int) -> np.ndarray:
     return affine
 
 
-def write_label(array: np.ndarray, affine: np.ndarray, path: str | Path) -> Path:
-    """Write a label volume with the given affine; the format follows the suffix (.nrrd or .nii/.nii.gz)."""
+def write_label(array: np.ndarray, affine: np.ndarray, path: str | Path, compress: bool = True) -> Path:
+    """Write a label volume with the given affine; the format follows the suffix (.nrrd or .nii/.nii.gz).
+    ``compress=False`` writes NRRD with raw encoding (what OHIF asks for)."""
     path = Path(path)
     kind = _suffix(path)
     if kind in NRRD_SUFFIXES:
@@ -120,7 +122,7 @@ def write_label(array: np.ndarray, affine: np.ndarray, path: str | Path) -> Path
             "space directions": lps[:3, :3].T,
             "space origin": lps[:3, 3],
             "kinds": ["domain", "domain", "domain"],
-            "encoding": "gzip",
+            "encoding": "gzip" if compress else "raw",
         }
         nrrd.write(str(path), np.asarray(array), header, index_order="F")
     elif kind in NIFTI_SUFFIXES:

@@ -1,0 +1,296 @@
+"""InteractiveSegmenter: one model profile served to many clients.
+
+Holds the model versions (base + published adapter checkpoints, hot-reloaded), the volume and
+embedding caches and the per-client refinement state, and turns voxel-index prompts into label
+volumes in the image's own grid. No MONAI Label imports: the infer tasks are thin wrappers.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import re
+import threading
+import time
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from .cache import EmbeddingCache
+from .checkpoint import AdapterCheckpoint
+from .config import ModelProfile
+from .model import AdaptedSam, part_of
+from .orientation import SliceView
+from .predictor import LoadedModel, SlicePredictor, SliceResult
+from .preprocess import choose_window
+from .prompts import PromptError, VoxelPrompts, choose_slice, points_on_slice
+from .propagation import PropagationSettings, propagate_box
+from .volume import Volume, VolumeCache
+
+logger = logging.getLogger(__name__)
+ADAPTER_FILE = re.compile(r"^adapter_v(\d{4,})\.pt$")
+
+
+def adapter_path(directory: Path, version: int) -> Path:
+    return directory / f"adapter_v{version:04d}.pt"
+
+
+def published_versions(directory: Path) -> list[int]:
+    """Complete adapter checkpoints in ``directory`` (temporary files are never listed)."""
+    if not directory.is_dir():
+        return []
+    return sorted(int(m.group(1)) for p in directory.iterdir() if (m := ADAPTER_FILE.match(p.name)))
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+@dataclass
+class SegmentationOutput:
+    label: np.ndarray  # full volume in the stored grid
+    params: dict = field(default_factory=dict)
+
+
+class ClientStates:
+    """Previous low-res logits per (client, image, label, slice), LRU-bounded, never shared."""
+
+    def __init__(self, max_entries: int = 512) -> None:
+        self.max_entries = max_entries
+        self._items: OrderedDict[tuple, tuple[str, Tensor]] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, key: tuple, model_name: str) -> Tensor | None:
+        with self._lock:
+            item = self._items.get(key)
+            if item is None or item[0] != model_name:
+                return None
+            self._items.move_to_end(key)
+            return item[1]
+
+    def put(self, key: tuple, model_name: str, logits: Tensor) -> None:
+        with self._lock:
+            self._items[key] = (model_name, logits)
+            self._items.move_to_end(key)
+            while len(self._items) > self.max_entries:
+                self._items.popitem(last=False)
+
+    def reset(self, client_id: str) -> None:
+        with self._lock:
+            for key in [k for k in self._items if k[0] == client_id]:
+                del self._items[key]
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+
+class InteractiveSegmenter:
+    """Serves one :class:`ModelProfile`. Construction is cheap; the model loads on first use."""
+
+    def __init__(self, profile: ModelProfile, adapter_dir: Path | None = None, device: str | None = None) -> None:
+        self.profile = profile
+        self.adapter_dir = adapter_dir
+        self.device = torch.device(device) if device else default_device()
+        self.embeddings = EmbeddingCache(profile.inference.embedding_cache_mb)
+        self.volumes = VolumeCache(profile.inference.volume_cache_mb)
+        self.clients = ClientStates()
+        self._loaded: LoadedModel | None = None
+        self._source: tuple | None = None  # what _loaded was built from
+        self._base_state: dict[str, Tensor] | None = None
+        self._lock = threading.Lock()
+        self.pinned_version: int | None = None  # rollback: serve this published version instead of the newest
+
+    # -- model versions ---------------------------------------------------------------------------
+    def _wanted_source(self) -> tuple:
+        """(kind, version, path, mtime) of the adapters that should be served now."""
+        if self.adapter_dir is not None:
+            versions = published_versions(self.adapter_dir)
+            if self.pinned_version is not None:
+                versions = [v for v in versions if v == self.pinned_version]
+            if versions:
+                path = adapter_path(self.adapter_dir, versions[-1])
+                try:
+                    return ("published", versions[-1], str(path), path.stat().st_mtime_ns)
+                except FileNotFoundError:
+                    pass
+        shipped = self.profile.adapter_checkpoint
+        if shipped is not None and shipped.is_file():
+            return ("shipped", 0, str(shipped), shipped.stat().st_mtime_ns)
+        return ("base", 0, "", 0)
+
+    def current(self) -> LoadedModel:
+        """The model version to use for a request (reloads when new adapters were published)."""
+        wanted = self._wanted_source()
+        loaded = self._loaded
+        if loaded is not None and wanted == self._source:
+            return loaded
+        with self._lock:
+            if self._loaded is not None and wanted == self._source:
+                return self._loaded
+            self._loaded = self._build(wanted)
+            self._source = wanted
+            dropped = self.embeddings.retain_only(self._loaded.encoder_fingerprint)
+            logger.info(
+                "profile %s now serves %s (%s); %d cached embeddings of other encoders dropped",
+                self.profile.name, self._loaded.name, wanted[0], dropped,
+            )
+            return self._loaded
+
+    def _build(self, source: tuple) -> LoadedModel:
+        kind, version, path, _ = source
+        if self._loaded is None:
+            model = AdaptedSam.from_profile(self.profile)
+            self._base_state = {k: v.clone() for k, v in model.adaptable_state().items()}
+        else:
+            # a new model object for the new version (requests in flight keep theirs); the frozen
+            # backbone tensors are shared, only the adaptable ones are copied
+            model = _clone_model(self._loaded.model)
+            with torch.no_grad():
+                own = dict(model.named_parameters())
+                for name, tensor in self._base_state.items():
+                    own[name].copy_(tensor)
+            model.prompt_free_head_trained = False
+        fingerprint = "base"
+        if kind != "base":
+            ckpt = AdapterCheckpoint.load(path)
+            ckpt.apply_to(model)
+            version = ckpt.version if kind == "published" else 0
+            enc = ckpt.fingerprint("image_encoder.")
+            fingerprint = f"enc-{enc}"
+        model.to(self.device).eval()
+        return LoadedModel(model, version, f"{self.profile.name}:{fingerprint}")
+
+    # -- helpers ----------------------------------------------------------------------------------
+    def predictor(self, loaded: LoadedModel) -> SlicePredictor:
+        return SlicePredictor(loaded, self.embeddings, self.profile.preprocessing, self.profile.inference, self.device)
+
+    def propagation_settings(self) -> PropagationSettings:
+        inf = self.profile.inference
+        return PropagationSettings(
+            box_margin=inf.propagation_box_margin,
+            min_area=inf.propagation_min_area,
+            min_iou=inf.propagation_min_iou,
+            with_logits=inf.propagate_with_logits,
+        )
+
+    # -- requests ---------------------------------------------------------------------------------
+    def segment(
+        self,
+        volume: Volume,
+        prompts: VoxelPrompts,
+        *,
+        three_d: bool,
+        slice_index: int | None = None,
+        state_key: tuple | None = None,
+        window: str | None = None,
+        axis: int = 2,
+    ) -> SegmentationOutput:
+        """One object from clicks and/or a box: on one slice (2D) or propagated through the volume (3D).
+
+        ``state_key`` = (client_id, image, label) enables refinement with the previous logits.
+        """
+        if prompts.empty:
+            raise PromptError("no prompt given: send 'foreground'/'background' clicks or a 'roi' box")
+        if prompts.foreground.size == 0 and prompts.roi is None:
+            raise PromptError("only background clicks given: add a foreground click or a 'roi' box")
+        begin = time.perf_counter()
+        loaded = self.current()
+        predictor = self.predictor(loaded)
+        view = SliceView.from_affine(volume.affine, axis)
+        win = choose_window(volume.array, self.profile.preprocessing, window)
+        k = choose_slice(prompts, slice_index, axis)
+        if prompts.roi is not None and not prompts.roi.lo[axis] <= k <= prompts.roi.hi[axis] and not three_d:
+            raise PromptError(f"slice {k} is outside the ROI's slice range {prompts.roi.lo[axis]}..{prompts.roi.hi[axis]}")
+        fg = points_on_slice(prompts.foreground, k, axis)
+        bg = points_on_slice(prompts.background, k, axis)
+        box = None
+        if prompts.roi is not None:
+            lo, hi = prompts.roi.in_plane(axis)
+            box = view.display_box(lo, hi, volume.shape)
+        if len(fg) == 0 and box is None:
+            raise PromptError(f"no foreground click on slice {k} and no ROI: nothing to segment there")
+        points = np.concatenate([fg, bg])
+        rc = view.voxel_to_display(points, volume.shape) if len(points) else None
+        labels = np.concatenate([np.ones(len(fg)), np.zeros(len(bg))]).astype(np.int64)
+        key = None if state_key is None else (*state_key, axis, k)
+        previous = self.clients.get(key, loaded.name) if key and self.profile.inference.refine_with_logits else None
+        image_k = view.slice(volume.array, k)
+        first = predictor.predict(image_k, win, view.spacing, rc, labels if len(points) else None, box, previous)
+        if key is not None:
+            self.clients.put(key, loaded.name, first.low_res_logits)
+
+        label = np.zeros(volume.shape, dtype=np.uint8)
+        results: dict[int, SliceResult] = {k: first}
+        if three_d and first.mask.any():
+            bounds = (0, volume.shape[axis] - 1)
+            if prompts.roi is not None:
+                bounds = (prompts.roi.lo[axis], prompts.roi.hi[axis])
+
+            def predict(j: int, box_rc: tuple[int, int, int, int], logits: Tensor | None) -> SliceResult:
+                return predictor.predict(view.slice(volume.array, j), win, view.spacing, box_rc=box_rc, mask_logits=logits)
+
+            results = propagate_box(
+                predict, lambda j: view.slice(volume.array, j), k, first, bounds, self.propagation_settings()
+            )
+        index = [slice(None)] * 3
+        for j, result in results.items():
+            index[axis] = j
+            label[tuple(index)] = view.from_display(result.mask)
+        total_ms = (time.perf_counter() - begin) * 1e3
+        params = {
+            "model_version": loaded.name,
+            "slice": k,
+            "embedding_cached": first.embedding_cached,
+            "refined_with_previous_logits": previous is not None,
+            "predicted_iou": round(first.iou, 4),
+            "window": win.key(),
+            "latency_ms": {
+                "encoder": round(sum(r.timings_ms["encoder"] for r in results.values()), 1),
+                "decoder": round(sum(r.timings_ms["decoder"] for r in results.values()), 1),
+                "total": round(total_ms, 1),
+            },
+        }
+        if three_d:
+            covered = sorted(j for j, r in results.items() if r.mask.any())
+            params["slice_range"] = [covered[0], covered[-1]] if covered else []
+            params["slices_segmented"] = len(covered)
+            params["latency_ms"]["per_slice"] = round(total_ms / max(len(results), 1), 1)
+        return SegmentationOutput(label, params)
+
+    def segment_auto(self, volume: Volume, window: str | None = None, axis: int = 2) -> SegmentationOutput:
+        """Prompt-free multi-label segmentation of every slice (values 1..len(labels))."""
+        begin = time.perf_counter()
+        loaded = self.current()
+        if not loaded.model.labels:
+            raise PromptError(f"profile '{self.profile.name}' has no labels, so it has no automatic mode")
+        if not loaded.model.prompt_free_head_trained:
+            raise PromptError(
+                f"the automatic head of '{self.profile.name}' has not been trained yet for labels "
+                f"{list(loaded.model.labels)}: submit labels and run a training round first"
+            )
+        predictor = self.predictor(loaded)
+        view = SliceView.from_affine(volume.affine, axis)
+        win = choose_window(volume.array, self.profile.preprocessing, window)
+        label = np.zeros(volume.shape, dtype=np.uint8)
+        index = [slice(None)] * 3
+        for k in range(volume.shape[axis]):
+            index[axis] = k
+            labels_k, _ = predictor.predict_auto(view.slice(volume.array, k), win, view.spacing)
+            label[tuple(index)] = view.from_display(labels_k)
+        return SegmentationOutput(
+            label,
+            {"model_version": loaded.name, "latency_ms": {"total": round((time.perf_counter() - begin) * 1e3, 1)}},
+        )
+
+
+def _clone_model(model: AdaptedSam) -> AdaptedSam:
+    """A copy whose adaptable parameters are independent and whose frozen tensors are shared."""
+    memo: dict[int, object] = {id(b): b for b in model.buffers()}
+    for name, p in model.named_parameters():
+        if part_of(name) not in model.trainable_parts:
+            memo[id(p)] = p
+    return copy.deepcopy(model, memo)

@@ -1,0 +1,89 @@
+"""MONAI Label app: SAM-style interactive segmentation with adapters that learn from annotators.
+
+Options (``--conf KEY VALUE``):
+  models   comma-separated profile names from configs/ (default: every profile that can load)
+  device   cpu | cuda (default: cuda when available)
+"""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+from pathlib import Path
+
+from fastapi import HTTPException
+from monailabel.interfaces.app import MONAILabelApp
+from monailabel.interfaces.tasks.infer_v2 import InferTask
+from monailabel.tasks.activelearning.first import First
+from monailabel.tasks.activelearning.random import Random
+
+from lib.core.config import ModelProfile, ProfileError, load_profiles
+from lib.core.engine import InteractiveSegmenter
+from lib.infers.tasks import AutoTask, DeepEditTask, PromptedTask
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_PROFILE = "lite_medsam"
+
+
+class MedSamAdapterApp(MONAILabelApp):
+    def __init__(self, app_dir: str, studies: str, conf: dict[str, str]) -> None:
+        self.profiles = self._select_profiles(Path(app_dir) / "configs", conf.get("models", ""))
+        device = conf.get("device") or None
+        self.segmenters = {
+            name: InteractiveSegmenter(p, adapter_dir=Path(app_dir) / "model" / name / "adapters", device=device)
+            for name, p in self.profiles.items()
+        }
+        super().__init__(
+            app_dir=app_dir,
+            studies=studies,
+            conf=conf,
+            name="MedSAM Adapter",
+            description="LiteMedSAM / SAM / MedSAM with adapters: boxes, clicks, refinement, 3D propagation",
+            version="0.1.0",
+        )
+
+    @staticmethod
+    def _select_profiles(config_dir: Path, models: str) -> dict[str, ModelProfile]:
+        available = load_profiles(config_dir)
+        wanted = [m.strip() for m in models.split(",") if m.strip()]
+        unknown = [m for m in wanted if m not in available]
+        if unknown:
+            raise ProfileError(f"--conf models: unknown profile(s) {unknown}; available: {sorted(available)}")
+        selected = {}
+        for name in wanted or sorted(available, key=lambda n: (n != DEFAULT_PROFILE, n)):
+            problem = available[name].checkpoint_problem()
+            if problem:
+                if wanted:
+                    raise ProfileError(problem)
+                logger.warning("model profile unavailable: %s", problem)
+                continue
+            selected[name] = available[name]
+        return selected
+
+    def init_infers(self) -> dict[str, InferTask]:
+        infers: dict[str, InferTask] = {}
+        for n, (name, segmenter) in enumerate(self.segmenters.items()):
+            prefix = "medsam" if n == 0 else name  # the first (default) profile gets the public names
+            infers[f"{prefix}_2d"] = PromptedTask(segmenter, three_d=False)
+            infers[f"{prefix}_3d"] = PromptedTask(segmenter, three_d=True)
+            if segmenter.profile.labels:
+                infers[f"{prefix}_deepedit"] = DeepEditTask(segmenter)
+                infers[f"{prefix}_auto"] = AutoTask(segmenter)
+        return infers
+
+    def init_strategies(self) -> dict:
+        return {"random": Random(), "first": First()}
+
+    def infer(self, request: dict, datastore=None) -> dict:
+        model = request.get("model")
+        if model not in self._infers:
+            raise HTTPException(status_code=404, detail=f"unknown model {model!r}; available: {sorted(self._infers)}")
+        image = request.get("image")
+        if not isinstance(image, str) or not image:
+            raise HTTPException(status_code=422, detail="'image' must name an image of the datastore")
+        store = datastore or self.datastore()
+        uploaded = Path(image).is_file() and Path(image).resolve().parent == Path(tempfile.gettempdir()).resolve()
+        if not uploaded and image not in store.list_images():
+            raise HTTPException(status_code=404, detail=f"unknown image {image!r}")
+        return super().infer(request, datastore)
