@@ -43,6 +43,8 @@ def client_errors() -> Iterator[None]:
 
 def _text(data: dict, key: str, default: str = "") -> str:
     value = data.get(key, default)
+    if isinstance(value, list) and value and key in ("window",):
+        value = value[0]  # a config option not sent by the client: its first item is the default
     if value is None:
         return default
     if not isinstance(value, (str, int)) or isinstance(value, bool):
