@@ -5,8 +5,8 @@ from __future__ import annotations
 import nibabel as nib
 import numpy as np
 import pytest
-from conftest import SAMPLE
 
+from conftest import SAMPLE
 from lib.core.orientation import SliceView
 from lib.core.preprocess import LetterboxFrame
 from lib.core.prompts import PromptError, mask_box, parse_points, parse_roi
@@ -55,7 +55,7 @@ def test_voxel_to_display_matches_slice_indexing(codes):
     view = SliceView.from_affine(affine, 2)
     for ijk in [(0, 0, 0), (5, 3, 2), (2, 7, 4)]:
         ijk = tuple(min(v, s - 1) for v, s in zip(ijk, array.shape, strict=True))
-        (r, c), = view.voxel_to_display(np.array([ijk]), array.shape)
+        ((r, c),) = view.voxel_to_display(np.array([ijk]), array.shape)
         assert view.slice(array, ijk[2])[r, c] == array[ijk]
         # and back
         back = np.zeros(array.shape[:2])
@@ -98,7 +98,8 @@ def test_roi_min_max_may_be_swapped_and_is_clipped():
 
 
 @pytest.mark.parametrize(
-    "roi", [[10, 10, 5, 30, 0, 1], [0, 5, 3, 3, 0, 0], [60, 70, 0, 5, 0, 1], [1, 2, 3], "box", [1, 2, 3, 4, 5, float("nan")]]
+    "roi",
+    [[10, 10, 5, 30, 0, 1], [0, 5, 3, 3, 0, 0], [60, 70, 0, 5, 0, 1], [1, 2, 3], "box", [1, 2, 3, 4, 5, float("nan")]],
 )
 def test_bad_rois_are_rejected_with_a_reason(roi):
     with pytest.raises(PromptError):

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import APP
 
+from conftest import APP
 from lib.core.backbones import BackboneError, build_backbone
 from lib.core.checkpoint import AdapterCheckpoint, CheckpointError
 from lib.core.config import AdapterSettings, ProfileError, load_profile, load_profiles, parse_profile
@@ -55,9 +55,17 @@ def test_only_adapters_and_heads_can_train(lite_model):
     trainable = {n for n, p in lite_model.named_parameters() if p.requires_grad}
     assert trainable, "nothing is trainable"
     assert all(
-        ".adapter." in n or n.startswith(("prompt_free_head.", "mask_decoder.output_upscaling.",
-                                          "mask_decoder.output_hypernetworks_mlps.", "mask_decoder.iou_prediction_head.",
-                                          "mask_decoder.iou_token.", "mask_decoder.mask_tokens."))
+        ".adapter." in n
+        or n.startswith(
+            (
+                "prompt_free_head.",
+                "mask_decoder.output_upscaling.",
+                "mask_decoder.output_hypernetworks_mlps.",
+                "mask_decoder.iou_prediction_head.",
+                "mask_decoder.iou_token.",
+                "mask_decoder.mask_tokens.",
+            )
+        )
         for n in trainable
     )
     assert not any(n.startswith(("image_encoder.patch_embed", "prompt_encoder.")) for n in trainable)
@@ -81,7 +89,7 @@ def test_freeze_all_but_selects_parts(lite_model):
 def test_checkpoint_round_trip_is_small_and_atomic(tmp_path, lite_model):
     trained = AdaptedSam(build_backbone("tiny"), AdapterSettings(), labels=("spleen",))
     with torch.no_grad():
-        for n, p in trained.named_parameters():
+        for p in trained.parameters():
             if p.requires_grad:
                 p.add_(0.01)
     path = AdapterCheckpoint.from_model(trained, version=3, metrics={"dice": 0.9}).save(tmp_path / "a.pt")

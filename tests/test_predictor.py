@@ -7,8 +7,8 @@ import threading
 import numpy as np
 import pytest
 import torch
-from conftest import SAMPLE, shared
 
+from conftest import SAMPLE, shared
 from lib.core.backbones import build_backbone
 from lib.core.cache import EmbeddingCache
 from lib.core.checkpoint import AdapterCheckpoint
@@ -62,7 +62,12 @@ def test_second_prompt_on_a_slice_reuses_the_embedding(lite_model, spleen):
     first = predictor.predict(view.slice(image.array, k), window, view.spacing, box_rc=mask_box(gt))
     r, c = np.argwhere(gt)[len(np.argwhere(gt)) // 2]
     second = predictor.predict(
-        view.slice(image.array, k), window, view.spacing, np.array([[r, c]]), np.array([1]), mask_box(gt),
+        view.slice(image.array, k),
+        window,
+        view.spacing,
+        np.array([[r, c]]),
+        np.array([1]),
+        mask_box(gt),
         first.low_res_logits,
     )
     assert not first.embedding_cached and second.embedding_cached
@@ -101,7 +106,9 @@ def test_embedding_cache_is_bounded_and_computes_once_under_concurrency():
 
 @pytest.fixture()
 def tiny_segmenter(tmp_path):
-    profile = parse_profile({"name": "tiny", "backbone": "tiny", "labels": ["spleen"]})
+    profile = parse_profile(
+        {"name": "tiny", "backbone": "tiny", "labels": ["spleen"], "inference": {"refine_with_logits": "always"}}
+    )
     return InteractiveSegmenter(profile, adapter_dir=tmp_path / "adapters", device="cpu")
 
 

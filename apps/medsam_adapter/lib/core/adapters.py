@@ -64,7 +64,8 @@ def _first_linear_in(module: nn.Module) -> int:
 def encoder_blocks(image_encoder: nn.Module) -> list[nn.Module]:
     """Transformer blocks of a TinyViT or ViT encoder: modules with an ``attn`` and an ``mlp``."""
     return [
-        m for m in image_encoder.modules()
+        m
+        for m in image_encoder.modules()
         if isinstance(getattr(m, "attn", None), nn.Module) and isinstance(getattr(m, "mlp", None), nn.Module)
     ]
 
@@ -72,9 +73,12 @@ def encoder_blocks(image_encoder: nn.Module) -> list[nn.Module]:
 def decoder_blocks(mask_decoder: nn.Module) -> list[nn.Module]:
     """Two-way attention blocks of a SAM mask decoder."""
     return [
-        m for m in mask_decoder.modules()
-        if all(isinstance(getattr(m, a, None), nn.Module)
-               for a in ("self_attn", "cross_attn_token_to_image", "mlp", "cross_attn_image_to_token"))
+        m
+        for m in mask_decoder.modules()
+        if all(
+            isinstance(getattr(m, a, None), nn.Module)
+            for a in ("self_attn", "cross_attn_token_to_image", "mlp", "cross_attn_image_to_token")
+        )
     ]
 
 

@@ -55,7 +55,6 @@ class Backbone(nn.Module):
         self.register_buffer("pixel_std", std, persistent=False)
 
 
-
 @dataclass(frozen=True)
 class BackboneSpec:
     name: str
@@ -149,8 +148,14 @@ def _build_segment_anything(kind: str, name: str, normalize: bool, checkpoint: P
     _load_strict(sam, state, checkpoint, name)
     mean, std = (SAM_PIXEL_MEAN, SAM_PIXEL_STD) if normalize else (None, None)
     return Backbone(
-        name, sam.image_encoder, sam.prompt_encoder, sam.mask_decoder, sam.image_encoder.img_size,
-        file_sha256(checkpoint), mean, std,
+        name,
+        sam.image_encoder,
+        sam.prompt_encoder,
+        sam.mask_decoder,
+        sam.image_encoder.img_size,
+        file_sha256(checkpoint),
+        mean,
+        std,
     )
 
 
@@ -158,13 +163,17 @@ def _tiny_prompt_parts(embedding: int, img_size: int) -> tuple[nn.Module, nn.Mod
     from segment_anything.modeling import MaskDecoder, PromptEncoder, TwoWayTransformer
 
     prompt_encoder = PromptEncoder(
-        embed_dim=256, image_embedding_size=(embedding, embedding), input_image_size=(img_size, img_size),
+        embed_dim=256,
+        image_embedding_size=(embedding, embedding),
+        input_image_size=(img_size, img_size),
         mask_in_chans=8,
     )
     mask_decoder = MaskDecoder(
         num_multimask_outputs=3,
         transformer=TwoWayTransformer(depth=2, embedding_dim=256, mlp_dim=128, num_heads=4),
-        transformer_dim=256, iou_head_depth=2, iou_head_hidden_dim=32,
+        transformer_dim=256,
+        iou_head_depth=2,
+        iou_head_hidden_dim=32,
     )
     return prompt_encoder, mask_decoder
 
@@ -178,9 +187,16 @@ def _build_tiny(checkpoint: Path | None) -> Backbone:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
         encoder = TinyViT(
-            img_size=256, in_chans=3, embed_dims=[16, 32, 64, 320], depths=[1, 1, 1, 1],
-            num_heads=[1, 2, 2, 4], window_sizes=[7, 7, 14, 7], mlp_ratio=2.0, drop_rate=0.0,
-            drop_path_rate=0.0, mbconv_expand_ratio=2.0,
+            img_size=256,
+            in_chans=3,
+            embed_dims=[16, 32, 64, 320],
+            depths=[1, 1, 1, 1],
+            num_heads=[1, 2, 2, 4],
+            window_sizes=[7, 7, 14, 7],
+            mlp_ratio=2.0,
+            drop_rate=0.0,
+            drop_path_rate=0.0,
+            mbconv_expand_ratio=2.0,
         )
         prompt_encoder, mask_decoder = _tiny_prompt_parts(64, 256)
     return Backbone("tiny", encoder, prompt_encoder, mask_decoder, 256, "random-init:tiny:seed0")
@@ -193,14 +209,28 @@ def _build_tiny_vit(checkpoint: Path | None) -> Backbone:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
         encoder = ImageEncoderViT(
-            img_size=256, patch_size=16, embed_dim=64, depth=2, num_heads=2, mlp_ratio=2.0, out_chans=256,
-            norm_layer=partial(nn.LayerNorm, eps=1e-6), use_rel_pos=True, window_size=4,
+            img_size=256,
+            patch_size=16,
+            embed_dim=64,
+            depth=2,
+            num_heads=2,
+            mlp_ratio=2.0,
+            out_chans=256,
+            norm_layer=partial(nn.LayerNorm, eps=1e-6),
+            use_rel_pos=True,
+            window_size=4,
             global_attn_indexes=(1,),
         )
         prompt_encoder, mask_decoder = _tiny_prompt_parts(16, 256)
     return Backbone(
-        "tiny_vit", encoder, prompt_encoder, mask_decoder, 256, "random-init:tiny_vit:seed0",
-        SAM_PIXEL_MEAN, SAM_PIXEL_STD,
+        "tiny_vit",
+        encoder,
+        prompt_encoder,
+        mask_decoder,
+        256,
+        "random-init:tiny_vit:seed0",
+        SAM_PIXEL_MEAN,
+        SAM_PIXEL_STD,
     )
 
 

@@ -6,7 +6,7 @@ import hashlib
 import os
 import tempfile
 from dataclasses import asdict, dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +32,7 @@ class AdapterCheckpoint:
     parts: list[str]
     version: int
     tensors: dict[str, Tensor]
-    created: str = field(default_factory=lambda: datetime.now(timezone.utc).isoformat(timespec="seconds"))
+    created: str = field(default_factory=lambda: datetime.now(UTC).isoformat(timespec="seconds"))
     metrics: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
@@ -119,7 +119,8 @@ class AdapterCheckpoint:
         wrong = sorted(k for k in names if k in own and own[k].shape != self.tensors[k].shape)
         if unknown or wrong:
             raise CheckpointError(
-                f"adapter checkpoint v{self.version} does not fit the model: unknown {unknown[:3]}, wrong shape {wrong[:3]}"
+                f"adapter checkpoint v{self.version} does not fit the model: "
+                f"unknown {unknown[:3]}, wrong shape {wrong[:3]}"
             )
 
     def apply_to(self, model: AdaptedSam) -> None:
@@ -129,6 +130,7 @@ class AdapterCheckpoint:
         own = dict(model.named_parameters())
         same_labels = list(self.labels) == list(model.labels)
         model.prompt_free_head_trained = same_labels and bool(self.metrics.get("prompt_free_head_trained"))
+        model.trained_with_mask_prompts = bool(self.metrics.get("trained_with_mask_prompts"))
         with torch.no_grad():
             for name, tensor in self.tensors.items():
                 if name.startswith("prompt_free_head.") and not same_labels:

@@ -136,7 +136,10 @@ class InteractiveSegmenter:
             dropped = self.embeddings.retain_only(self._loaded.encoder_fingerprint)
             logger.info(
                 "profile %s now serves %s (%s); %d cached embeddings of other encoders dropped",
-                self.profile.name, self._loaded.name, wanted[0], dropped,
+                self.profile.name,
+                self._loaded.name,
+                wanted[0],
+                dropped,
             )
             return self._loaded
 
@@ -154,6 +157,7 @@ class InteractiveSegmenter:
                 for name, tensor in self._base_state.items():
                     own[name].copy_(tensor)
             model.prompt_free_head_trained = False
+            model.trained_with_mask_prompts = False
         fingerprint = "base"
         if kind != "base":
             ckpt = AdapterCheckpoint.load(path)
@@ -167,6 +171,10 @@ class InteractiveSegmenter:
     # -- helpers ----------------------------------------------------------------------------------
     def predictor(self, loaded: LoadedModel) -> SlicePredictor:
         return SlicePredictor(loaded, self.embeddings, self.profile.preprocessing, self.profile.inference, self.device)
+
+    def feeds_logits(self, loaded: LoadedModel) -> bool:
+        mode = self.profile.inference.refine_with_logits
+        return mode == "always" or (mode == "auto" and loaded.model.trained_with_mask_prompts)
 
     def propagation_settings(self) -> PropagationSettings:
         inf = self.profile.inference
@@ -204,7 +212,9 @@ class InteractiveSegmenter:
         win = choose_window(volume.array, self.profile.preprocessing, window)
         k = choose_slice(prompts, slice_index, axis)
         if prompts.roi is not None and not prompts.roi.lo[axis] <= k <= prompts.roi.hi[axis] and not three_d:
-            raise PromptError(f"slice {k} is outside the ROI's slice range {prompts.roi.lo[axis]}..{prompts.roi.hi[axis]}")
+            raise PromptError(
+                f"slice {k} is outside the ROI's slice range {prompts.roi.lo[axis]}..{prompts.roi.hi[axis]}"
+            )
         fg = points_on_slice(prompts.foreground, k, axis)
         bg = points_on_slice(prompts.background, k, axis)
         box = None
@@ -217,7 +227,7 @@ class InteractiveSegmenter:
         rc = view.voxel_to_display(points, volume.shape) if len(points) else None
         labels = np.concatenate([np.ones(len(fg)), np.zeros(len(bg))]).astype(np.int64)
         key = None if state_key is None else (*state_key, axis, k)
-        previous = self.clients.get(key, loaded.name) if key and self.profile.inference.refine_with_logits else None
+        previous = self.clients.get(key, loaded.name) if key and self.feeds_logits(loaded) else None
         image_k = view.slice(volume.array, k)
         first = predictor.predict(image_k, win, view.spacing, rc, labels if len(points) else None, box, previous)
         if key is not None:
@@ -227,11 +237,14 @@ class InteractiveSegmenter:
         results: dict[int, SliceResult] = {k: first}
         if three_d and first.mask.any():
             bounds = (0, volume.shape[axis] - 1)
-            if prompts.roi is not None:
+            if prompts.roi is not None and prompts.roi.hi[axis] > prompts.roi.lo[axis]:
+                # a 3D ROI bounds the propagation; a flat box drawn on one slice only seeds it
                 bounds = (prompts.roi.lo[axis], prompts.roi.hi[axis])
 
             def predict(j: int, box_rc: tuple[int, int, int, int], logits: Tensor | None) -> SliceResult:
-                return predictor.predict(view.slice(volume.array, j), win, view.spacing, box_rc=box_rc, mask_logits=logits)
+                return predictor.predict(
+                    view.slice(volume.array, j), win, view.spacing, box_rc=box_rc, mask_logits=logits
+                )
 
             results = propagate_box(
                 predict, lambda j: view.slice(volume.array, j), k, first, bounds, self.propagation_settings()

@@ -14,12 +14,19 @@ class PromptFreeHead(nn.Module):
         self.num_labels = num_labels
         self.stem = nn.Sequential(nn.Conv2d(in_channels, width, 1), nn.GroupNorm(8, width), nn.GELU())
         self.body = nn.Sequential(
-            nn.Conv2d(width, width, 3, padding=1), nn.GroupNorm(8, width), nn.GELU(),
-            nn.Conv2d(width, width, 3, padding=1), nn.GroupNorm(8, width), nn.GELU(),
+            nn.Conv2d(width, width, 3, padding=1),
+            nn.GroupNorm(8, width),
+            nn.GELU(),
+            nn.Conv2d(width, width, 3, padding=1),
+            nn.GroupNorm(8, width),
+            nn.GELU(),
         )
         self.up = nn.Sequential(
-            nn.ConvTranspose2d(width, width // 2, 2, stride=2), nn.GroupNorm(8, width // 2), nn.GELU(),
-            nn.ConvTranspose2d(width // 2, width // 4, 2, stride=2), nn.GELU(),
+            nn.ConvTranspose2d(width, width // 2, 2, stride=2),
+            nn.GroupNorm(8, width // 2),
+            nn.GELU(),
+            nn.ConvTranspose2d(width // 2, width // 4, 2, stride=2),
+            nn.GELU(),
         )
         self.classify = nn.Conv2d(width // 4, num_labels + 1, 1)
 

@@ -20,7 +20,7 @@ def part_of(name: str) -> str | None:
     if ".adapter." in name:
         return "encoder_adapters" if name.startswith("image_encoder.") else "decoder_adapters"
     if name.startswith("mask_decoder."):
-        rest = name[len("mask_decoder."):]
+        rest = name[len("mask_decoder.") :]
         for prefix, part in (
             ("output_upscaling.", "output_upscaling"),
             ("output_hypernetworks_mlps.", "hypernetworks"),
@@ -69,6 +69,7 @@ class AdaptedSam(nn.Module):
             add_decoder_adapters(self.mask_decoder, adapters)
         self.prompt_free_head = PromptFreeHead(len(self.labels)) if self.labels else None
         self.prompt_free_head_trained = False  # set when trained adapters with a fitted head are loaded
+        self.trained_with_mask_prompts = False  # set when the loaded adapters learnt to use fed-back logits
         self.freeze_all_but(self.trainable_parts)
         self.eval()
 
@@ -89,9 +90,7 @@ class AdaptedSam(nn.Module):
     def adaptable_state(self) -> dict[str, Tensor]:
         """The tensors an adapter checkpoint holds: every parameter of the profile's trainable parts."""
         return {
-            name: p.detach().clone()
-            for name, p in self.named_parameters()
-            if part_of(name) in self.trainable_parts
+            name: p.detach().clone() for name, p in self.named_parameters() if part_of(name) in self.trainable_parts
         }
 
     def parameter_counts(self) -> dict[str, int]:

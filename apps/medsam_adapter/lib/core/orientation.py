@@ -90,7 +90,9 @@ class SliceView:
             cols = n_cols - 1 - cols
         return np.stack([rows, cols], axis=1)
 
-    def display_box(self, lo_ab: tuple[int, int], hi_ab: tuple[int, int], volume_shape: tuple[int, ...]) -> tuple[int, int, int, int]:
+    def display_box(
+        self, lo_ab: tuple[int, int], hi_ab: tuple[int, int], volume_shape: tuple[int, ...]
+    ) -> tuple[int, int, int, int]:
         """Inclusive in-plane box (storage a/b bounds) -> inclusive display box (r0, c0, r1, c1)."""
         corners = np.array([[lo_ab[0], lo_ab[1]], [hi_ab[0], hi_ab[1]]])
         ijk = np.zeros((2, 3), dtype=np.int64)

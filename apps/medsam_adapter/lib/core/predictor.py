@@ -63,9 +63,7 @@ class SlicePredictor:
     ) -> tuple[Tensor, LetterboxFrame, bool, float]:
         """Embedding of a raw-intensity slice: (embedding, frame, was_cached, milliseconds)."""
         frame = self.frame(image, spacing)
-        key = content_key(
-            image, window.key(), self.preprocessing.per_slice_minmax, frame, self.model.backbone_name
-        )
+        key = content_key(image, window.key(), self.preprocessing.per_slice_minmax, frame, self.model.backbone_name)
 
         def compute() -> Tensor:
             x = normalize_slice(image, window, self.preprocessing.per_slice_minmax)

@@ -62,7 +62,7 @@ def parse_points(value: object, name: str, shape: tuple[int, ...]) -> np.ndarray
         if any(abs(x - round(x)) > 1e-6 for x in ijk):
             raise PromptError(f"'{name}'[{n}] = {p!r}: voxel indices must be integers")
         ijk = [int(round(x)) for x in ijk]
-        if any(x < 0 or x >= s for x, s in zip(ijk, shape)):
+        if any(x < 0 or x >= s for x, s in zip(ijk, shape, strict=True)):
             raise PromptError(f"'{name}'[{n}] = {ijk} is outside the image (shape {list(shape)})")
         points.append(ijk)
     return np.asarray(points, dtype=np.int64).reshape(-1, 3)
@@ -131,6 +131,8 @@ def mask_box(mask: np.ndarray, margin: int = 0) -> tuple[int, int, int, int] | N
     cols = np.flatnonzero(mask.any(axis=0))
     h, w = mask.shape
     return (
-        max(int(rows[0]) - margin, 0), max(int(cols[0]) - margin, 0),
-        min(int(rows[-1]) + margin, h - 1), min(int(cols[-1]) + margin, w - 1),
+        max(int(rows[0]) - margin, 0),
+        max(int(cols[0]) - margin, 0),
+        min(int(rows[-1]) + margin, h - 1),
+        min(int(cols[-1]) + margin, w - 1),
     )

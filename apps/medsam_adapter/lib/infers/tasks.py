@@ -138,7 +138,8 @@ class PromptedTask(MedSamInferTask):
             segmenter,
             InferType.DEEPGROW,
             3 if three_d else 2,
-            "Clicks and/or an ROI box -> " + ("the object through the volume" if three_d else "the object on that slice"),
+            "Clicks and/or an ROI box -> "
+            + ("the object through the volume" if three_d else "the object on that slice"),
         )
         self.three_d = three_d
 
@@ -150,8 +151,12 @@ class PromptedTask(MedSamInferTask):
         k = parse_slice(data.get("slice"), volume.shape, 2)
         state = (client, str(data["image"]), _text(data, "label", "object"), "3d" if self.three_d else "2d")
         return self.segmenter.segment(
-            volume, prompts, three_d=self.three_d, slice_index=None if self.three_d else k,
-            state_key=state, window=self.window(data),
+            volume,
+            prompts,
+            three_d=self.three_d,
+            slice_index=None if self.three_d else k,
+            state_key=state,
+            window=self.window(data),
         )
 
 
@@ -162,7 +167,10 @@ class DeepEditTask(MedSamInferTask):
     def __init__(self, segmenter: InteractiveSegmenter) -> None:
         names = segmenter.profile.labels
         super().__init__(
-            segmenter, InferType.DEEPEDIT, 3, "Clicks per label -> multi-label 3D result",
+            segmenter,
+            InferType.DEEPEDIT,
+            3,
+            "Clicks per label -> multi-label 3D result",
             labels={name: i + 1 for i, name in enumerate(names)},
         )
 
@@ -183,8 +191,11 @@ class DeepEditTask(MedSamInferTask):
             others = [c for n, c in clicks.items() if n != name and len(c)]
             negatives = np.concatenate([background, *others]) if others else background
             out = self.segmenter.segment(
-                volume, VoxelPrompts(clicks[name], negatives, roi), three_d=True,
-                state_key=(client, str(data["image"]), name, "deepedit"), window=self.window(data),
+                volume,
+                VoxelPrompts(clicks[name], negatives, roi),
+                three_d=True,
+                state_key=(client, str(data["image"]), name, "deepedit"),
+                window=self.window(data),
             )
             label[(out.label > 0) & (label == 0)] = idx
             params["labels"][name] = out.params
@@ -198,7 +209,10 @@ class AutoTask(MedSamInferTask):
     def __init__(self, segmenter: InteractiveSegmenter) -> None:
         names = segmenter.profile.labels
         super().__init__(
-            segmenter, InferType.SEGMENTATION, 3, "Automatic first pass from the prompt-free head",
+            segmenter,
+            InferType.SEGMENTATION,
+            3,
+            "Automatic first pass from the prompt-free head",
             labels={name: i + 1 for i, name in enumerate(names)},
         )
 
