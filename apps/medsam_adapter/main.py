@@ -3,6 +3,7 @@
 Options (``--conf KEY VALUE``):
   models   comma-separated profile names from configs/ (default: every profile that can load)
   device   cpu | cuda (default: cuda when available)
+  embedding_cache_mb   override the profiles' embedding cache size (0 re-encodes on every click)
 """
 
 from __future__ import annotations
@@ -30,8 +31,14 @@ class MedSamAdapterApp(MONAILabelApp):
     def __init__(self, app_dir: str, studies: str, conf: dict[str, str]) -> None:
         self.profiles = self._select_profiles(Path(app_dir) / "configs", conf.get("models", ""))
         device = conf.get("device") or None
+        cache_mb = conf.get("embedding_cache_mb")
         self.segmenters = {
-            name: InteractiveSegmenter(p, adapter_dir=Path(app_dir) / "model" / name / "adapters", device=device)
+            name: InteractiveSegmenter(
+                p,
+                adapter_dir=Path(app_dir) / "model" / name / "adapters",
+                device=device,
+                embedding_cache_mb=float(cache_mb) if cache_mb is not None else None,
+            )
             for name, p in self.profiles.items()
         }
         super().__init__(

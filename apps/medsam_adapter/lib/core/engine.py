@@ -91,11 +91,18 @@ class ClientStates:
 class InteractiveSegmenter:
     """Serves one :class:`ModelProfile`. Construction is cheap; the model loads on first use."""
 
-    def __init__(self, profile: ModelProfile, adapter_dir: Path | None = None, device: str | None = None) -> None:
+    def __init__(
+        self,
+        profile: ModelProfile,
+        adapter_dir: Path | None = None,
+        device: str | None = None,
+        embedding_cache_mb: float | None = None,
+    ) -> None:
         self.profile = profile
         self.adapter_dir = adapter_dir
         self.device = torch.device(device) if device else default_device()
-        self.embeddings = EmbeddingCache(profile.inference.embedding_cache_mb)
+        cache_mb = profile.inference.embedding_cache_mb if embedding_cache_mb is None else embedding_cache_mb
+        self.embeddings = EmbeddingCache(cache_mb)
         self.volumes = VolumeCache(profile.inference.volume_cache_mb)
         self.clients = ClientStates()
         self._loaded: LoadedModel | None = None

@@ -75,7 +75,9 @@ class SliceView:
 
     def slice(self, volume: np.ndarray, k: int) -> np.ndarray:
         """Display-oriented slice ``k`` of a 3D volume."""
-        return self.to_display(np.take(volume, k, axis=self.axis))
+        index = [slice(None)] * 3
+        index[self.axis] = k
+        return self.to_display(volume[tuple(index)])  # a view: np.take would copy the strided slice
 
     def voxel_to_display(self, ijk: np.ndarray, volume_shape: tuple[int, ...]) -> np.ndarray:
         """(N, 3) voxel indices -> (N, 2) display (row, col) indices on their slice."""
