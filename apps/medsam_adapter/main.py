@@ -4,10 +4,15 @@ Options (``--conf KEY VALUE``):
   models   comma-separated profile names from configs/ (default: every profile that can load)
   device   cpu | cuda (default: cuda when available)
   embedding_cache_mb   override the profiles' embedding cache size (0 re-encodes on every click)
+  adapter_version      serve this published adapter version instead of the newest (rollback)
+  auto_train_after     start a training round after this many newly saved labels (0, default: off)
+  train_<option>       server-side default of a train option (e.g. train_max_epochs 5), used when a
+                       request leaves it out (OHIF's "Update Model" sends nothing)
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import tempfile
 from pathlib import Path
@@ -18,9 +23,11 @@ from monailabel.interfaces.tasks.infer_v2 import InferTask
 from monailabel.tasks.activelearning.first import First
 from monailabel.tasks.activelearning.random import Random
 
+from lib.activelearning import HeadUncertaintyScoring, UncertaintyStrategy
 from lib.core.config import ModelProfile, ProfileError, load_profiles
 from lib.core.engine import InteractiveSegmenter
 from lib.infers.tasks import AutoTask, DeepEditTask, PromptedTask
+from lib.trainers.adapter_train import AdapterTrainTask, write_json_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -41,6 +48,10 @@ class MedSamAdapterApp(MONAILabelApp):
             )
             for name, p in self.profiles.items()
         }
+        if conf.get("adapter_version"):
+            for segmenter in self.segmenters.values():
+                segmenter.pinned_version = int(conf["adapter_version"])
+        self.auto_train_after = int(conf.get("auto_train_after", "0") or 0)
         super().__init__(
             app_dir=app_dir,
             studies=studies,
@@ -71,7 +82,7 @@ class MedSamAdapterApp(MONAILabelApp):
     def init_infers(self) -> dict[str, InferTask]:
         infers: dict[str, InferTask] = {}
         for n, (name, segmenter) in enumerate(self.segmenters.items()):
-            prefix = "medsam" if n == 0 else name  # the first (default) profile gets the public names
+            prefix = self.task_prefix(n, name)
             infers[f"{prefix}_2d"] = PromptedTask(segmenter, three_d=False)
             infers[f"{prefix}_3d"] = PromptedTask(segmenter, three_d=True)
             if segmenter.profile.labels:
@@ -79,8 +90,51 @@ class MedSamAdapterApp(MONAILabelApp):
                 infers[f"{prefix}_auto"] = AutoTask(segmenter)
         return infers
 
+    def task_prefix(self, index: int, name: str) -> str:
+        return "medsam" if index == 0 else name  # the first (default) profile gets the public names
+
+    def init_trainers(self) -> dict:
+        defaults = {k[len("train_") :]: v for k, v in self.conf.items() if k.startswith("train_")}
+        return {
+            self.task_prefix(n, name): AdapterTrainTask(segmenter, Path(self.app_dir) / "model" / name, defaults)
+            for n, (name, segmenter) in enumerate(self.segmenters.items())
+        }
+
+    def on_save_label(self, image_id: str, label_id: str) -> dict:
+        """Optionally start an active-learning round after every N newly saved labels."""
+        result = super().on_save_label(image_id, label_id)
+        if self.auto_train_after <= 0 or not self._trainers:
+            return result
+        counter = Path(self.app_dir) / "model" / "labels_since_round.json"
+        try:
+            count = int(json.loads(counter.read_text()).get("count", 0)) + 1
+        except (OSError, ValueError):
+            count = 1
+        if count >= self.auto_train_after:
+            logger.info("%d new labels: starting an automatic training round", count)
+            self.async_training(next(iter(self._trainers)), enqueue=True)
+            count = 0
+        write_json_atomic(counter, {"count": count})
+        return result
+
     def init_strategies(self) -> dict:
-        return {"random": Random(), "first": First()}
+        strategies = {"random": Random(), "first": First()}
+        if self.segmenters:
+            strategies["uncertainty"] = UncertaintyStrategy(next(iter(self.segmenters.values())))
+        return strategies
+
+    def init_scoring_methods(self) -> dict:
+        if not self.segmenters:
+            return {}
+        return {"uncertainty": HeadUncertaintyScoring(next(iter(self.segmenters.values())))}
+
+    def next_sample(self, request: dict) -> dict:
+        strategy = request.get("strategy") or "random"
+        if strategy not in self._strategies:
+            raise HTTPException(
+                status_code=404, detail=f"unknown strategy {strategy!r}; available: {sorted(self._strategies)}"
+            )
+        return super().next_sample(request)
 
     def infer(self, request: dict, datastore=None) -> dict:
         model = request.get("model")

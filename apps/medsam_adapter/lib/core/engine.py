@@ -306,6 +306,23 @@ class InteractiveSegmenter:
             {"model_version": loaded.name, "latency_ms": {"total": round((time.perf_counter() - begin) * 1e3, 1)}},
         )
 
+    def uncertainty(self, volume: Volume, slices: int = 6, axis: int = 2) -> dict:
+        """How unsure the prompt-free head is about a volume: mean normalised entropy of its per-pixel
+        class probabilities over evenly spaced slices (0 = certain, 1 = uniform)."""
+        loaded = self.current()
+        if not loaded.model.prompt_free_head_trained:
+            raise PromptError(f"the automatic head of '{self.profile.name}' has not been trained yet")
+        predictor = self.predictor(loaded)
+        view = SliceView.from_affine(volume.affine, axis)
+        win = choose_window(volume.array, self.profile.preprocessing)
+        picks = np.unique(np.linspace(0, volume.shape[axis] - 1, slices).round().astype(int))
+        values = []
+        for k in picks:
+            probs = predictor.auto_probabilities(view.slice(volume.array, int(k)), win, view.spacing)
+            entropy = -(probs * torch.log(probs.clamp_min(1e-8))).sum(0) / np.log(probs.shape[0])
+            values.append(float(entropy.mean()))
+        return {"score": float(np.mean(values)), "model_version": loaded.name, "slices": [int(k) for k in picks]}
+
 
 def _clone_model(model: AdaptedSam) -> AdaptedSam:
     """A copy whose adaptable parameters are independent and whose frozen tensors are shared."""

@@ -118,6 +118,17 @@ class SlicePredictor:
             timings_ms={"encoder": 0.0 if cached else enc_ms, "decoder": dec_ms},
         )
 
+    def auto_probabilities(
+        self, image: np.ndarray, window: IntensityWindow, spacing: tuple[float, float] = (1.0, 1.0)
+    ) -> Tensor:
+        """Softmax of the prompt-free head (1 + labels, h, w) over the slice's valid low-res region."""
+        embedding, frame, _, _ = self.embed(image, window, spacing)
+        h, w = frame.resized
+        low_h, low_w = self.model.low_res_size
+        rows, cols = max(1, round(h * low_h / frame.img_size)), max(1, round(w * low_w / frame.img_size))
+        with torch.inference_mode():
+            return self.model.auto_segment(embedding)[0, :, :rows, :cols].softmax(0).cpu()
+
     def predict_auto(
         self, image: np.ndarray, window: IntensityWindow, spacing: tuple[float, float] = (1.0, 1.0)
     ) -> tuple[np.ndarray, dict[str, float]]:

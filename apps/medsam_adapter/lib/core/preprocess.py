@@ -144,7 +144,13 @@ class LetterboxFrame:
         up = up[..., :h, :w]
         return F.interpolate(up, size=(self.rows, self.cols), mode="bilinear", align_corners=False)
 
-    def mask_to_low_res(self, mask: np.ndarray, low_res: tuple[int, int]) -> Tensor:
-        """A binary slice mask -> (1, 1, h, w) float mask in the low-res frame (for training targets)."""
-        m = self.image_to_model(mask.astype(np.float32))[:, :1]
-        return F.interpolate(m, size=low_res, mode="bilinear", align_corners=False)
+    def labels_to_low_res(self, labels: np.ndarray, low_res: tuple[int, int]) -> np.ndarray:
+        """A (rows, cols) label map -> (h, w) label map in the low-res frame (nearest neighbour, padded 0)."""
+        h, w = self.resized
+        lh, lw = low_res
+        t = torch.from_numpy(np.ascontiguousarray(labels, dtype=np.float32))[None, None]
+        # resize into the same share of the low-res frame that the slice occupies in the model frame
+        sh, sw = max(1, round(h * lh / self.img_size)), max(1, round(w * lw / self.img_size))
+        t = F.interpolate(t, size=(sh, sw), mode="nearest-exact")
+        t = F.pad(t, (0, lw - sw, 0, lh - sh))
+        return t[0, 0].to(torch.int64).numpy()

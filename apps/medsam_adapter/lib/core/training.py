@@ -1,0 +1,382 @@
+"""Fine-tune adapters and heads from submitted labels with a simulated annotator (plain PyTorch).
+
+Per (slice, object): an initial prompt (a box pushed outward by a random margin, or one interior
+click), then rounds where the next click lands in the largest error region with the previous low-res
+logits fed back as the mask prompt, then mask-only rounds. Loss: Dice + BCE (MONAI DiceCELoss) plus
+MSE between predicted and real IoU. The prompt-free head learns the same labels (Dice + CE).
+Everything happens in the decoder's low-res frame; when the encoder's adapters are not trained, image
+embeddings are computed once and reused (the CPU default).
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from monai.losses import DiceCELoss
+from scipy import ndimage
+from torch import Tensor
+
+from .annotator import dice, interior_point, jittered_box, largest_error_click, random_interior_point
+from .config import PreprocessSettings
+from .model import AdaptedSam
+from .orientation import SliceView
+from .preprocess import LetterboxFrame, choose_window, normalize_slice
+from .volume import load_volume
+
+logger = logging.getLogger(__name__)
+
+
+class TrainingDataError(ValueError):
+    """The submitted labels cannot be used for training (wrong shape or geometry, empty, unreadable)."""
+
+
+@dataclass(frozen=True)
+class TrainSettings:
+    max_epochs: int = 20
+    learning_rate: float = 1e-4
+    weight_decay: float = 0.01
+    batch_size: int = 4
+    steps_per_epoch: int = 0  # 0: one pass over the training objects
+    click_rounds: int = 3
+    mask_only_rounds: int = 1
+    box_probability: float = 0.5
+    box_jitter: int = 5  # low-res pixels (= 5 px at 256, 20 px at 1024)
+    val_fraction: float = 0.2
+    seed: int = 0
+    patience: int = 5
+    max_slices_per_volume: int = 24
+    min_object_pixels: int = 16
+    max_val_objects: int = 48
+    train_encoder_adapters: bool = False
+    train_prompt_free_head: bool = True
+
+
+@dataclass
+class LabelledVolume:
+    image: Path
+    label: Path
+    names: dict[int, str] = field(default_factory=dict)  # voxel value -> label name
+    image_id: str = ""
+
+
+@dataclass
+class SliceSample:
+    source: str
+    k: int
+    labels: np.ndarray  # (h, w) voxel values in the low-res frame
+    objects: list[np.ndarray]  # bool (h, w) masks
+    head_target: np.ndarray | None  # (h, w) profile label indices, None when no known names
+    model_input: Tensor | None = None  # (1, 3, S, S), kept when the encoder trains
+    embedding: Tensor | None = None  # (1, C, eh, ew), cached when it does not
+
+
+@dataclass
+class TrainResult:
+    best_state: dict[str, Tensor] | None  # None when no epoch beat the starting model
+    before: dict[str, float]
+    after: dict[str, float]
+    history: list[dict] = field(default_factory=list)
+    best_epoch: int = 0
+    epochs_run: int = 0
+    seconds: float = 0.0
+    notes: list[str] = field(default_factory=list)
+
+
+def split_volumes(volumes: Sequence[LabelledVolume], fraction: float, seed: int) -> tuple[list, list, str]:
+    """Shuffled, reproducible train/validation split by volume. Returns (train, val, note)."""
+    order = list(volumes)
+    np.random.default_rng(seed).shuffle(order)
+    if len(order) < 2 or fraction <= 0:
+        return order, [], f"no validation split: {len(order)} labelled image(s), at least 2 are needed"
+    n_val = min(len(order) - 1, max(1, round(len(order) * fraction)))
+    return order[n_val:], order[:n_val], f"validation on {n_val} of {len(order)} labelled images"
+
+
+def prepare_samples(
+    model: AdaptedSam,
+    volumes: Sequence[LabelledVolume],
+    preprocessing: PreprocessSettings,
+    settings: TrainSettings,
+    device: torch.device,
+) -> list[SliceSample]:
+    """Slices with labels -> samples in the low-res frame (embeddings cached unless the encoder trains)."""
+    samples: list[SliceSample] = []
+    low_res = model.low_res_size
+    head_index = {name: i + 1 for i, name in enumerate(model.labels)}
+    for vol in volumes:
+        image, label = load_volume(vol.image), load_volume(vol.label)
+        if label.shape != image.shape:
+            raise TrainingDataError(f"{vol.label.name}: label shape {label.shape} != image shape {image.shape}")
+        if not np.allclose(label.affine, image.affine, atol=1e-3):
+            raise TrainingDataError(f"{vol.label.name}: label geometry differs from its image {vol.image.name}")
+        view = SliceView.from_affine(image.affine, 2)
+        window = choose_window(image.array, preprocessing)
+        values = np.asarray(label.array)
+        labelled = [k for k in range(image.shape[2]) if values[:, :, k].any()]
+        if len(labelled) > settings.max_slices_per_volume:
+            pick = np.linspace(0, len(labelled) - 1, settings.max_slices_per_volume).round().astype(int)
+            labelled = [labelled[i] for i in sorted(set(pick))]
+        for k in labelled:
+            raw = view.slice(image.array, k)
+            frame = LetterboxFrame.fit(raw.shape, model.img_size, view.spacing)
+            lr = frame.labels_to_low_res(view.slice(values, k).astype(np.int64), low_res)
+            objects = []
+            for value in np.unique(lr[lr > 0]):
+                components, n = ndimage.label(lr == value)
+                for c in range(1, n + 1):
+                    obj = components == c
+                    if obj.sum() >= settings.min_object_pixels:
+                        objects.append(obj)
+            if not objects:
+                continue
+            head_target = None
+            known = {v: head_index[n] for v, n in vol.names.items() if n in head_index}
+            if known:
+                head_target = np.zeros_like(lr)
+                for v, idx in known.items():
+                    head_target[lr == v] = idx
+            x = frame.image_to_model(normalize_slice(raw, window, preprocessing.per_slice_minmax)).to(device)
+            sample = SliceSample(vol.image_id or vol.image.name, k, lr, objects, head_target)
+            if settings.train_encoder_adapters:
+                sample.model_input = x
+            else:
+                with torch.inference_mode():
+                    sample.embedding = model.encode(x).clone()
+            samples.append(sample)
+    return samples
+
+
+def _to_model(rc: np.ndarray, factor: float) -> np.ndarray:
+    """Low-res (row, col) pixel indices -> model-frame SAM (x, y)."""
+    rc = np.asarray(rc, dtype=np.float64).reshape(-1, 2)
+    return np.stack([(rc[:, 1] + 0.5) * factor - 0.5, (rc[:, 0] + 0.5) * factor - 0.5], axis=1)
+
+
+class AdapterTrainer:
+    """Trains the unfrozen parts of an :class:`AdaptedSam` on :class:`SliceSample` lists."""
+
+    def __init__(self, model: AdaptedSam, settings: TrainSettings, device: torch.device) -> None:
+        self.model = model
+        self.settings = settings
+        self.device = device
+        self.factor = model.img_size / model.low_res_size[1]
+        self.seg_loss = DiceCELoss(sigmoid=True, squared_pred=False, reduction="mean")
+        self.head_loss = DiceCELoss(to_onehot_y=True, softmax=True, include_background=False)
+
+    # -- forward helpers --------------------------------------------------------------------------
+    def _embed(self, samples: Sequence[SliceSample], grad: bool) -> Tensor:
+        if samples[0].embedding is not None:
+            return torch.cat([s.embedding for s in samples]).to(self.device)
+        x = torch.cat([s.model_input for s in samples]).to(self.device)
+        if grad:
+            return self.model.encode(x)
+        with torch.no_grad():
+            return self.model.encode(x)
+
+    def _points(self, clicks: list[list[tuple[int, int, int]]]) -> tuple[Tensor, Tensor]:
+        coords = np.zeros((len(clicks), len(clicks[0]), 2), dtype=np.float32)
+        labels = np.zeros((len(clicks), len(clicks[0])), dtype=np.int64)
+        for b, item in enumerate(clicks):
+            for n, (r, c, lab) in enumerate(item):
+                coords[b, n] = _to_model(np.array([[r, c]]), self.factor)[0]
+                labels[b, n] = lab
+        return torch.from_numpy(coords).to(self.device), torch.from_numpy(labels).to(self.device)
+
+    def _box(self, boxes: list[tuple[int, int, int, int]]) -> Tensor:
+        out = []
+        for r0, c0, r1, c1 in boxes:
+            (x0, y0), (x1, y1) = _to_model(np.array([[r0, c0], [r1, c1]]), self.factor)
+            out.append([x0, y0, x1, y1])
+        return torch.tensor(out, dtype=torch.float32, device=self.device)
+
+    def _decode_each(
+        self, emb: Tensor, points: tuple[Tensor, Tensor] | None, boxes: Tensor | None, masks: Tensor | None
+    ) -> tuple[Tensor, Tensor]:
+        """SAM's decoder takes one image embedding per call (it repeats it for every prompt), so a batch
+        of different slices is decoded item by item."""
+        logits, ious = [], []
+        for b in range(emb.shape[0]):
+            out = self.model.decode(
+                emb[b : b + 1],
+                points=(points[0][b : b + 1], points[1][b : b + 1]) if points is not None else None,
+                boxes=boxes[b : b + 1] if boxes is not None else None,
+                mask_logits=masks[b : b + 1] if masks is not None else None,
+            )
+            logits.append(out.low_res_logits)
+            ious.append(out.iou)
+        return torch.cat(logits), torch.cat(ious)
+
+    # -- training ---------------------------------------------------------------------------------
+    def interactive_loss(self, items: list[tuple[SliceSample, np.ndarray]], rng: np.random.Generator) -> Tensor:
+        """Simulated interactive session for a batch of objects (grouped by first prompt type).
+
+        The session runs to a randomly drawn round without gradients (the annotator's clicks and the
+        fed-back logits of earlier rounds), and that round is trained: every round type is learnt at
+        the cost of one backward pass per step.
+        """
+        s = self.settings
+        use_box = rng.random(len(items)) < s.box_probability
+        n_rounds = 1 + s.click_rounds + s.mask_only_rounds
+        total, groups = torch.zeros((), device=self.device), 0
+        for group in (np.flatnonzero(use_box), np.flatnonzero(~use_box)):
+            if len(group) == 0:
+                continue
+            batch = [items[i] for i in group]
+            emb = self._embed([sample for sample, _ in batch], grad=True)
+            gt_np = np.stack([obj for _, obj in batch])
+            gt = torch.from_numpy(gt_np).float()[:, None].to(self.device)
+            boxed = bool(use_box[group[0]])
+            boxes = self._box([jittered_box(o, rng, s.box_jitter) for o in gt_np]) if boxed else None
+            clicks = [[] if boxed else [(*random_interior_point(o, rng), 1)] for o in gt_np]
+            trained_round = int(rng.integers(n_rounds))
+            mask_in, pred = None, None
+            for r in range(trained_round + 1):
+                if 0 < r <= s.click_rounds:
+                    for b in range(len(batch)):
+                        click = largest_error_click(pred[b], gt_np[b])
+                        clicks[b].append((click[0], click[1], int(click[2])) if click else (0, 0, -1))
+                points = self._points(clicks) if clicks[0] else None
+                with torch.set_grad_enabled(r == trained_round and torch.is_grad_enabled()):
+                    logits, iou_pred = self._decode_each(emb, points, boxes, mask_in)
+                mask_in = logits.detach()
+                pred = (mask_in[:, 0] > 0).cpu().numpy()
+            with torch.no_grad():
+                hard, target = logits > 0, gt > 0.5
+                iou_true = (hard & target).flatten(1).sum(1).float() / (hard | target).flatten(1).sum(1).clamp(min=1)
+            total = total + self.seg_loss(logits, gt) + F.mse_loss(iou_pred[:, 0], iou_true)
+            groups += 1
+        return total / max(groups, 1)
+
+    def head_step_loss(self, samples: list[SliceSample]) -> Tensor | None:
+        samples = [s for s in samples if s.head_target is not None]
+        if not samples or self.model.prompt_free_head is None:
+            return None
+        emb = self._embed(samples, grad=True)
+        target = torch.from_numpy(np.stack([s.head_target for s in samples]))[:, None].to(self.device)
+        return self.head_loss(self.model.auto_segment(emb), target)
+
+    # -- evaluation -------------------------------------------------------------------------------
+    @torch.no_grad()
+    def evaluate(self, samples: Sequence[SliceSample], feed_logits: bool, clicks: int = 3) -> dict[str, float]:
+        """Deterministic annotator on every validation object: tight-box Dice, Dice after 1 and
+        ``clicks`` clicks (first at the most interior point, then into the largest error)."""
+        box_d, one_d, n_d = [], [], []
+        items = [(s, o) for s in samples for o in s.objects][: self.settings.max_val_objects]
+        for sample, obj in items:
+            emb = self._embed([sample], grad=False)
+            out = self.model.decode(emb, boxes=self._box([jittered_box(obj, None, 0)]))
+            box_d.append(dice(out.low_res_logits[0, 0].cpu().numpy() > 0, obj))
+            r, c = interior_point(obj)
+            session = [(r, c, 1)]
+            mask_in = None
+            for n in range(clicks):
+                out = self.model.decode(emb, points=self._points([session]), mask_logits=mask_in)
+                pred = out.low_res_logits[0, 0].cpu().numpy() > 0
+                if n == 0:
+                    one_d.append(dice(pred, obj))
+                mask_in = out.low_res_logits if feed_logits else None
+                nxt = largest_error_click(pred, obj)
+                if nxt is None:
+                    break
+                session.append((nxt[0], nxt[1], int(nxt[2])))
+            n_d.append(dice(pred, obj))
+        metrics = {
+            "objects": len(items),
+            "box_dice": float(np.mean(box_d)) if box_d else math.nan,
+            "click1_dice": float(np.mean(one_d)) if one_d else math.nan,
+            f"click{clicks}_dice": float(np.mean(n_d)) if n_d else math.nan,
+        }
+        head = [s for s in samples if s.head_target is not None]
+        if head and self.model.prompt_free_head is not None:
+            scores = []
+            for s in head:
+                pred = self.model.auto_segment(self._embed([s], grad=False))[0].argmax(0).cpu().numpy()
+                present = [v for v in np.unique(s.head_target) if v > 0]
+                scores += [dice(pred == v, s.head_target == v) for v in present]
+            metrics["auto_dice"] = float(np.mean(scores)) if scores else math.nan
+        metrics["score"] = float(np.nanmean([metrics["box_dice"], metrics[f"click{clicks}_dice"]]))
+        return metrics
+
+    def fit(
+        self,
+        train: list[SliceSample],
+        val: list[SliceSample],
+        feed_logits_before: bool,
+        progress: Callable[[dict], None] | None = None,
+    ) -> TrainResult:
+        """Train with early stopping on the validation score; the starting model is epoch 0."""
+        s = self.settings
+        start = time.time()
+        rng = np.random.default_rng(s.seed)
+        torch.manual_seed(s.seed)
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        if not params:
+            raise TrainingDataError("nothing to train: no trainable parts selected")
+        optimizer = torch.optim.AdamW(params, lr=s.learning_rate, weight_decay=s.weight_decay)
+        objects = [(sample, obj) for sample in train for obj in sample.objects]
+        if not objects:
+            raise TrainingDataError("the submitted labels hold no object large enough to train on")
+        steps = s.steps_per_epoch or math.ceil(len(objects) / s.batch_size)
+        before = self.evaluate(val, feed_logits_before) if val else {}
+        result = TrainResult(None, before, dict(before))
+        best_score = before.get("score", -math.inf)
+        best_state = None
+        stale = 0
+        # the model stays in eval mode: the trained parts have no dropout or batch norm, and train mode
+        # would update the frozen backbone's batch-norm statistics
+        self.model.eval()
+        for epoch in range(1, s.max_epochs + 1):
+            losses = []
+            for _ in range(steps):
+                pick = rng.choice(len(objects), size=min(s.batch_size, len(objects)), replace=False)
+                batch = [objects[i] for i in pick]
+                loss = self.interactive_loss(batch, rng)
+                if s.train_prompt_free_head:
+                    head = self.head_step_loss(list({id(b[0]): b[0] for b in batch}.values()))
+                    if head is not None:
+                        loss = loss + head
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                losses.append(float(loss.detach()))
+            metrics = self.evaluate(val, feed_logits=True) if val else {}
+            entry = {"epoch": epoch, "loss": float(np.mean(losses)), **metrics}
+            result.history.append(entry)
+            result.epochs_run = epoch
+            score = metrics.get("score", -float(np.mean(losses)))
+            improved = score > best_score if val else True
+            if improved:
+                best_score, stale = score, 0
+                best_state = {k: v.detach().clone() for k, v in self.model.adaptable_state().items()}
+                result.best_epoch = epoch
+                if val:
+                    result.after = metrics
+            else:
+                stale += 1
+            logger.info("epoch %d/%d %s", epoch, s.max_epochs, entry)
+            if progress:
+                progress(
+                    {**entry, "total_epochs": s.max_epochs, "best_metric": best_score, "best_epoch": result.best_epoch}
+                )
+            if val and stale >= s.patience:
+                result.notes.append(f"early stop after epoch {epoch}: no improvement for {s.patience} epochs")
+                break
+        result.best_state = best_state
+        result.seconds = time.time() - start
+        if val and best_state is None:
+            result.notes.append("no epoch beat the starting model on validation")
+        return result
+
+
+def clone_for_training(model: AdaptedSam) -> AdaptedSam:
+    """An independent copy (the served model is never trained in place)."""
+    return copy.deepcopy(model)

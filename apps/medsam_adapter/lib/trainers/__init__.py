@@ -1,0 +1,1 @@
+"""MONAI Label train tasks (thin wrappers over lib.core.training)."""

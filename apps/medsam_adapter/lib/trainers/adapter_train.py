@@ -1,0 +1,230 @@
+"""Train task: one active-learning round on the submitted final labels, published as a new adapter version.
+
+Runs in MONAI Label's training subprocess. Works with the clients' default requests: Slicer's Train
+button (its trainer config, ``tracking: mlflow`` included — metrics go to ``train_stats.json`` and the
+checkpoint, MLflow is not used) and OHIF's "Update Model" (``POST /train/`` with ``{}``).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import tempfile
+import time
+from dataclasses import asdict, fields
+from pathlib import Path
+from typing import Any
+
+import torch
+from monailabel.interfaces.datastore import Datastore, DefaultLabelTag
+from monailabel.interfaces.tasks.train import TrainTask
+
+from lib.core.checkpoint import AdapterCheckpoint
+from lib.core.config import TRAINABLE_PARTS
+from lib.core.engine import InteractiveSegmenter, adapter_path, published_versions
+from lib.core.training import (
+    AdapterTrainer,
+    LabelledVolume,
+    TrainingDataError,
+    TrainSettings,
+    clone_for_training,
+    prepare_samples,
+    split_volumes,
+)
+
+logger = logging.getLogger(__name__)
+
+
+def names_from_label_info(info: dict[str, Any]) -> dict[int, str]:
+    """Voxel value -> label name from a submission's ``label_info`` (names in order, values 1..N;
+    the clients' ``idx`` is not trusted)."""
+    entries = info.get("label_info") or info.get("params", {}).get("label_info") or []
+    names = [e.get("name") for e in entries if isinstance(e, dict) and isinstance(e.get("name"), str)]
+    return {i + 1: name for i, name in enumerate(names)}
+
+
+def write_json_atomic(path: Path, data: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    with os.fdopen(fd, "w") as fh:
+        json.dump(data, fh, indent=2, default=str)
+    os.replace(tmp, path)
+
+
+class AdapterTrainTask(TrainTask):
+    """Fine-tunes only adapters and heads of one profile from ``labels/final``."""
+
+    def __init__(self, segmenter: InteractiveSegmenter, output_dir: Path, defaults: dict | None = None) -> None:
+        super().__init__(f"Fine-tune the adapters and heads of '{segmenter.profile.name}' on submitted labels")
+        self.defaults = dict(defaults or {})  # server-side defaults for options a request leaves out
+        self.segmenter = segmenter
+        self.output_dir = output_dir
+        self.stats_path = output_dir / "train_stats.json"
+
+    def config(self) -> dict[str, Any]:
+        defaults = TrainSettings()
+        return {
+            "max_epochs": defaults.max_epochs,
+            "learning_rate": defaults.learning_rate,
+            "val_split": defaults.val_fraction,
+            "max_slices_per_volume": defaults.max_slices_per_volume,
+            "train_encoder_adapters": torch.cuda.is_available(),
+            "train_prompt_free_head": True,
+            "publish": ["if_better", "always"],
+            "seed": defaults.seed,
+            **self.defaults,
+        }
+
+    def stats(self) -> dict[str, Any]:
+        try:
+            return json.loads(self.stats_path.read_text())
+        except (OSError, ValueError):
+            return {}
+
+    # -- request parsing --------------------------------------------------------------------------
+    @staticmethod
+    def settings_from_request(request: dict) -> tuple[TrainSettings, str]:
+        """Typed settings from a request (first item of lists, as clients send config options)."""
+
+        def value(key: str, cast: type, default: Any) -> Any:
+            raw = request.get(key, default)
+            if isinstance(raw, list):
+                raw = raw[0] if raw else default
+            if cast is bool and isinstance(raw, str):
+                return raw.strip().lower() in ("1", "true", "yes")
+            try:
+                return cast(raw)
+            except (TypeError, ValueError):
+                raise TrainingDataError(f"train option {key!r}: expected {cast.__name__}, got {raw!r}") from None
+
+        d = TrainSettings()
+        kwargs = {f.name: value(f.name, type(getattr(d, f.name)), getattr(d, f.name)) for f in fields(TrainSettings)}
+        kwargs["max_epochs"] = value("max_epochs", int, d.max_epochs)
+        kwargs["val_fraction"] = value("val_split", float, d.val_fraction)
+        kwargs["train_encoder_adapters"] = value("train_encoder_adapters", bool, torch.cuda.is_available())
+        settings = TrainSettings(**kwargs)
+        if settings.max_epochs < 1 or settings.learning_rate <= 0 or not 0 <= settings.val_fraction < 1:
+            raise TrainingDataError("train options: max_epochs >= 1, learning_rate > 0, 0 <= val_split < 1")
+        publish = value("publish", str, "if_better")
+        if publish not in ("if_better", "always"):
+            raise TrainingDataError("train option 'publish' must be 'if_better' or 'always'")
+        return settings, publish
+
+    def parts(self, settings: TrainSettings) -> list[str]:
+        allowed = self.segmenter.profile.trainable
+        parts = [p for p in TRAINABLE_PARTS if p in allowed]
+        if not settings.train_encoder_adapters:
+            parts = [p for p in parts if p != "encoder_adapters"]
+        if not settings.train_prompt_free_head:
+            parts = [p for p in parts if p != "prompt_free_head"]
+        return parts
+
+    # -- the round --------------------------------------------------------------------------------
+    def __call__(self, request: dict, datastore: Datastore) -> dict[str, Any]:
+        start = time.time()
+        stats: dict[str, Any] = {"status": "RUNNING", "start_ts": int(start), "epoch": 0, "total_epochs": 0}
+        write_json_atomic(self.stats_path, stats)
+        try:
+            settings, publish = self.settings_from_request({**self.defaults, **request})
+            stats.update(total_epochs=settings.max_epochs, settings=asdict(settings), publish=publish)
+            if str(request.get("tracking", "")).lower() == "mlflow":
+                stats["tracking"] = "metrics are written to train_stats.json and the checkpoint; MLflow is not used"
+            result = self._run(settings, publish, stats, datastore)
+            stats.update(result, status="DONE")
+        except TrainingDataError as e:
+            stats.update(status="ERROR", error=str(e))
+            write_json_atomic(self.stats_path, stats)
+            raise
+        finally:
+            stats["total_time"] = round(time.time() - start, 1)
+            write_json_atomic(self.stats_path, stats)
+        return stats
+
+    def _volumes(self, datastore: Datastore, notes: list[str]) -> list[LabelledVolume]:
+        volumes = []
+        for image_id in datastore.get_labeled_images(DefaultLabelTag.FINAL.value):
+            label_uri = datastore.get_label_uri(image_id, DefaultLabelTag.FINAL.value)
+            info = datastore.get_label_info(image_id, DefaultLabelTag.FINAL.value) or {}
+            names = names_from_label_info(info)
+            volumes.append(LabelledVolume(Path(datastore.get_image_uri(image_id)), Path(label_uri), names, image_id))
+        if not volumes:
+            raise TrainingDataError("no submitted final labels yet: save at least one label before training")
+        notes.append(f"{len(volumes)} labelled image(s): {[v.image_id for v in volumes]}")
+        return volumes
+
+    def _run(self, settings: TrainSettings, publish: str, stats: dict, datastore: Datastore) -> dict[str, Any]:
+        notes: list[str] = []
+        device = self.segmenter.device
+        served = self.segmenter.current()
+        model = clone_for_training(served.model).to(device)
+        model.freeze_all_but(self.parts(settings))
+        volumes = self._volumes(datastore, notes)
+        train_vols, val_vols, split_note = split_volumes(volumes, settings.val_fraction, settings.seed)
+        notes.append(split_note)
+
+        def usable(vols: list[LabelledVolume]) -> list:
+            samples = []
+            for vol in vols:
+                try:
+                    samples += prepare_samples(model, [vol], self.segmenter.profile.preprocessing, settings, device)
+                except TrainingDataError as e:
+                    notes.append(f"skipped {vol.image_id}: {e}")
+            return samples
+
+        train, val = usable(train_vols), usable(val_vols)
+        if not train:
+            raise TrainingDataError("no usable training slices in the submitted labels: " + "; ".join(notes))
+        counts = model.parameter_counts()
+        stats.update(
+            notes=notes,
+            validation=split_note,
+            trainable_parameters=counts["trainable"],
+            total_parameters=counts["total"],
+            parts=self.parts(settings),
+        )
+
+        def progress(entry: dict) -> None:
+            stats.update(
+                epoch=entry["epoch"], best_metric=entry["best_metric"], best_epoch=entry["best_epoch"], last=entry
+            )
+            write_json_atomic(self.stats_path, stats)
+
+        trainer = AdapterTrainer(model, settings, device)
+        result = trainer.fit(train, val, feed_logits_before=self.segmenter.feeds_logits(served), progress=progress)
+        notes += result.notes
+        out: dict[str, Any] = {
+            "before": result.before,
+            "after": result.after,
+            "history": result.history,
+            "best_epoch": result.best_epoch,
+            "train_seconds": round(result.seconds, 1),
+            "started_from": served.name,
+            "notes": notes,
+        }
+        if result.best_state is None and not (publish == "always" or not val):
+            out["published_version"] = None
+            notes.append(f"not published: the served adapters ({served.name}) stay in use")
+            return out
+        state = result.best_state or model.adaptable_state()
+        with torch.no_grad():
+            own = dict(model.named_parameters())
+            for name, tensor in state.items():
+                own[name].copy_(tensor)
+        directory = self.segmenter.adapter_dir
+        version = max(published_versions(directory), default=0) + 1
+        head_trained = settings.train_prompt_free_head and any(s.head_target is not None for s in train)
+        metrics = {
+            "before": result.before,
+            "after": result.after,
+            "trained_with_mask_prompts": True,
+            "prompt_free_head_trained": head_trained or model.prompt_free_head_trained,
+            "images": [v.image_id for v in train_vols],
+            "validation_images": [v.image_id for v in val_vols],
+            "settings": asdict(settings),
+            "started_from": served.name,
+        }
+        AdapterCheckpoint.from_model(model, version, metrics).save(adapter_path(directory, version))
+        out["published_version"] = version
+        notes.append(f"published adapters v{version}")
+        return out
