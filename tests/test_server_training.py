@@ -158,3 +158,27 @@ def test_uncertainty_strategy_picks_an_unlabelled_image(train_server):
     assert first not in LABELLED
     unknown = requests.post(f"{url}/activelearning/most_fun", json={}, timeout=60)
     assert unknown.status_code == 404 and "unknown strategy" in unknown.json()["detail"]
+
+
+def test_automatic_round_after_n_saved_labels(tmp_path_factory):
+    base = tmp_path_factory.mktemp("auto_round")
+    app_dir = base / "app"
+    shutil.copytree(APP, app_dir, ignore=shutil.ignore_patterns("model", "__pycache__", "logs"))
+    conf = {"auto_train_after": "2", "train_max_epochs": "1", "train_max_slices_per_volume": "2"}
+    server = Server(studies_copy(base / "studies"), app_dir, base / "server.log", conf)
+    try:
+        client = MONAILabelClient(server.url, tmpdir=tempfile.mkdtemp(), client_id="annotator")
+        info = {"label_info": [{"name": "spleen", "idx": 1}]}
+        client.save_label("spleen_ct", str(SAMPLE / "reference" / "spleen_ct.nii.gz"), params=info)
+        time.sleep(2)
+        assert requests.get(f"{server.url}/train/", timeout=10).status_code == 404, "one label must not start a round"
+        client.save_label("abdomen_ct", spleen_only("abdomen_ct", base), params=info)
+        deadline = time.time() + 60
+        while requests.get(f"{server.url}/train/", timeout=10).status_code == 404 and time.time() < deadline:
+            time.sleep(1)
+        task = wait_for_training(server.url)
+        assert task["status"] == "DONE", task
+        stats = requests.get(f"{server.url}/info/", timeout=10).json()["train_stats"]["medsam"]
+        assert stats["status"] == "DONE" and stats["total_epochs"] == 1
+    finally:
+        server.stop()

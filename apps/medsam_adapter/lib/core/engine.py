@@ -175,6 +175,11 @@ class InteractiveSegmenter:
         model.to(self.device).eval()
         return LoadedModel(model, version, f"{self.profile.name}:{fingerprint}")
 
+    def served_adapters(self) -> Path | None:
+        """The adapter checkpoint file behind the model served now (None: the bare base model)."""
+        self.current()
+        return Path(self._source[2]) if self._source and self._source[2] else None
+
     # -- helpers ----------------------------------------------------------------------------------
     def predictor(self, loaded: LoadedModel) -> SlicePredictor:
         return SlicePredictor(loaded, self.embeddings, self.profile.preprocessing, self.profile.inference, self.device)

@@ -63,11 +63,15 @@ class AdaptedSam(nn.Module):
         self.image_encoder = backbone.image_encoder
         self.prompt_encoder = backbone.prompt_encoder
         self.mask_decoder = backbone.mask_decoder
-        if adapters.encoder:
-            add_encoder_adapters(self.image_encoder, adapters)
-        if adapters.decoder:
-            add_decoder_adapters(self.mask_decoder, adapters)
-        self.prompt_free_head = PromptFreeHead(len(self.labels)) if self.labels else None
+        # fixed-seed initialisation: every process (server, trainer, each distributed rank) builds the
+        # identical fresh adapters and head, so runs are reproducible
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            if adapters.encoder:
+                add_encoder_adapters(self.image_encoder, adapters)
+            if adapters.decoder:
+                add_decoder_adapters(self.mask_decoder, adapters)
+            self.prompt_free_head = PromptFreeHead(len(self.labels)) if self.labels else None
         self.prompt_free_head_trained = False  # set when trained adapters with a fitted head are loaded
         self.trained_with_mask_prompts = False  # set when the loaded adapters learnt to use fed-back logits
         self.freeze_all_but(self.trainable_parts)

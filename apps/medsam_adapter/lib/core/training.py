@@ -20,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from monai.losses import DiceCELoss
 from scipy import ndimage
@@ -316,9 +317,15 @@ class AdapterTrainer:
         """Train with early stopping on the validation score; the starting model is epoch 0."""
         s = self.settings
         start = time.time()
-        rng = np.random.default_rng(s.seed)
+        distributed = dist.is_available() and dist.is_initialized()
+        rank, world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
+        rng = np.random.default_rng(s.seed + rank)  # each rank draws its own batches
         torch.manual_seed(s.seed)
         params = [p for p in self.model.parameters() if p.requires_grad]
+        if distributed:
+            for p in params:  # identical starting point on every rank
+                dist.broadcast(p.data, src=0)
+        val = val if rank == 0 else []
         if not params:
             raise TrainingDataError("nothing to train: no trainable parts selected")
         optimizer = torch.optim.AdamW(params, lr=s.learning_rate, weight_decay=s.weight_decay)
@@ -346,6 +353,12 @@ class AdapterTrainer:
                         loss = loss + head
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
+                if distributed:  # data parallel: average the gradients of all ranks
+                    for p in params:
+                        if p.grad is None:
+                            p.grad = torch.zeros_like(p)
+                        dist.all_reduce(p.grad)
+                        p.grad /= world
                 optimizer.step()
                 losses.append(float(loss.detach()))
             metrics = self.evaluate(val, feed_logits=True) if val else {}
@@ -354,6 +367,10 @@ class AdapterTrainer:
             result.epochs_run = epoch
             score = metrics.get("score", -float(np.mean(losses)))
             improved = score > best_score if val else True
+            if distributed:  # rank 0 validates; every rank follows its decision
+                decision = torch.tensor([float(improved)])
+                dist.broadcast(decision, src=0)
+                improved = bool(decision[0])
             if improved:
                 best_score, stale = score, 0
                 best_state = {k: v.detach().clone() for k, v in self.model.adaptable_state().items()}
@@ -367,7 +384,7 @@ class AdapterTrainer:
                 progress(
                     {**entry, "total_epochs": s.max_epochs, "best_metric": best_score, "best_epoch": result.best_epoch}
                 )
-            if val and stale >= s.patience:
+            if (val or distributed) and stale >= s.patience:
                 result.notes.append(f"early stop after epoch {epoch}: no improvement for {s.patience} epochs")
                 break
         result.best_state = best_state

@@ -22,6 +22,7 @@ from monailabel.interfaces.tasks.train import TrainTask
 
 from lib.core.checkpoint import AdapterCheckpoint
 from lib.core.config import TRAINABLE_PARTS
+from lib.core.distributed import DistributedJob, train_distributed
 from lib.core.engine import InteractiveSegmenter, adapter_path, published_versions
 from lib.core.training import (
     AdapterTrainer,
@@ -73,6 +74,8 @@ class AdapterTrainTask(TrainTask):
             "train_prompt_free_head": True,
             "publish": ["if_better", "always"],
             "seed": defaults.seed,
+            "multi_gpu": torch.cuda.device_count() > 1,
+            "gpus": "all",
             **self.defaults,
         }
 
@@ -130,7 +133,7 @@ class AdapterTrainTask(TrainTask):
             stats.update(total_epochs=settings.max_epochs, settings=asdict(settings), publish=publish)
             if str(request.get("tracking", "")).lower() == "mlflow":
                 stats["tracking"] = "metrics are written to train_stats.json and the checkpoint; MLflow is not used"
-            result = self._run(settings, publish, stats, datastore)
+            result = self._run(settings, publish, stats, datastore, request)
             stats.update(result, status="DONE")
         except TrainingDataError as e:
             stats.update(status="ERROR", error=str(e))
@@ -153,7 +156,29 @@ class AdapterTrainTask(TrainTask):
         notes.append(f"{len(volumes)} labelled image(s): {[v.image_id for v in volumes]}")
         return volumes
 
-    def _run(self, settings: TrainSettings, publish: str, stats: dict, datastore: Datastore) -> dict[str, Any]:
+    @staticmethod
+    def world_size(request: dict) -> tuple[int, str]:
+        """(processes, backend): MONAI Label's ``multi_gpu``/``gpus`` on a multi-GPU machine, or
+        ``distributed_world_size`` CPU processes with gloo (for machines without GPUs, and tests)."""
+
+        def first(key: str, default: Any) -> Any:
+            value = request.get(key, default)
+            return value[0] if isinstance(value, list) and value else value
+
+        cpu_world = int(first("distributed_world_size", 1) or 1)
+        if cpu_world > 1:
+            return cpu_world, "gloo"
+        multi = str(first("multi_gpu", False)).lower() in ("1", "true", "yes")
+        gpus = torch.cuda.device_count()
+        if multi and gpus > 1:
+            wanted = str(first("gpus", "all"))
+            count = gpus if wanted in ("all", "") else len([g for g in wanted.split(",") if g.strip()])
+            return min(count, gpus), "nccl"
+        return 1, ""
+
+    def _run(
+        self, settings: TrainSettings, publish: str, stats: dict, datastore: Datastore, request: dict
+    ) -> dict[str, Any]:
         notes: list[str] = []
         device = self.segmenter.device
         served = self.segmenter.current()
@@ -172,9 +197,7 @@ class AdapterTrainTask(TrainTask):
                     notes.append(f"skipped {vol.image_id}: {e}")
             return samples
 
-        train, val = usable(train_vols), usable(val_vols)
-        if not train:
-            raise TrainingDataError("no usable training slices in the submitted labels: " + "; ".join(notes))
+        world, backend = self.world_size(request)
         counts = model.parameter_counts()
         stats.update(
             notes=notes,
@@ -182,16 +205,38 @@ class AdapterTrainTask(TrainTask):
             trainable_parameters=counts["trainable"],
             total_parameters=counts["total"],
             parts=self.parts(settings),
+            world_size=world,
         )
-
-        def progress(entry: dict) -> None:
-            stats.update(
-                epoch=entry["epoch"], best_metric=entry["best_metric"], best_epoch=entry["best_epoch"], last=entry
+        head_known = any(n in model.labels for v in train_vols for n in v.names.values())
+        if world > 1:
+            job = DistributedJob(
+                self.segmenter.profile,
+                self.segmenter.served_adapters(),
+                tuple(self.parts(settings)),
+                tuple(train_vols),
+                tuple(val_vols),
+                settings,
+                self.segmenter.feeds_logits(served),
+                Path(tempfile.mkdtemp(prefix="medsam_ddp_")),
+                backend,
             )
             write_json_atomic(self.stats_path, stats)
+            result = train_distributed(job, world)
+        else:
+            train, val = usable(train_vols), usable(val_vols)
+            if not train:
+                raise TrainingDataError("no usable training slices in the submitted labels: " + "; ".join(notes))
 
-        trainer = AdapterTrainer(model, settings, device)
-        result = trainer.fit(train, val, feed_logits_before=self.segmenter.feeds_logits(served), progress=progress)
+            def progress(entry: dict) -> None:
+                stats.update(
+                    epoch=entry["epoch"], best_metric=entry["best_metric"], best_epoch=entry["best_epoch"], last=entry
+                )
+                write_json_atomic(self.stats_path, stats)
+
+            trainer = AdapterTrainer(model, settings, device)
+            result = trainer.fit(train, val, self.segmenter.feeds_logits(served), progress=progress)
+            head_known = any(s.head_target is not None for s in train)
+        stats.update(epoch=result.epochs_run, best_epoch=result.best_epoch)
         notes += result.notes
         out: dict[str, Any] = {
             "before": result.before,
@@ -202,7 +247,7 @@ class AdapterTrainTask(TrainTask):
             "started_from": served.name,
             "notes": notes,
         }
-        if result.best_state is None and not (publish == "always" or not val):
+        if result.best_state is None and not (publish == "always" or not val_vols):
             out["published_version"] = None
             notes.append(f"not published: the served adapters ({served.name}) stay in use")
             return out
@@ -213,7 +258,7 @@ class AdapterTrainTask(TrainTask):
                 own[name].copy_(tensor)
         directory = self.segmenter.adapter_dir
         version = max(published_versions(directory), default=0) + 1
-        head_trained = settings.train_prompt_free_head and any(s.head_target is not None for s in train)
+        head_trained = settings.train_prompt_free_head and head_known
         metrics = {
             "before": result.before,
             "after": result.after,

@@ -1,0 +1,144 @@
+"""Training core on the tiny model: only adapters and heads change, splits are reproducible, the
+simulated annotator places clicks where the protocol says, request options are parsed strictly."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import SAMPLE
+from lib.core.annotator import dice, interior_point, jittered_box, largest_error_click
+from lib.core.backbones import build_backbone
+from lib.core.config import AdapterSettings, PreprocessSettings
+from lib.core.model import AdaptedSam, part_of
+from lib.core.training import (
+    AdapterTrainer,
+    LabelledVolume,
+    TrainingDataError,
+    TrainSettings,
+    prepare_samples,
+    split_volumes,
+)
+from lib.trainers.adapter_train import AdapterTrainTask, names_from_label_info
+
+SPLEEN = LabelledVolume(SAMPLE / "spleen_ct.nii.gz", SAMPLE / "reference" / "spleen_ct.nii.gz", {1: "spleen"}, "s")
+
+
+def test_interior_point_is_the_distance_transform_maximum():
+    m = np.zeros((9, 15), bool)
+    m[2:7, 1:14] = True  # 5 x 13 rectangle: centre row 4, any column far from the short sides
+    r, c = interior_point(m)
+    assert r == 4 and 3 <= c <= 11
+
+
+def test_next_click_goes_to_the_largest_error_with_the_right_sign():
+    gt = np.zeros((20, 20), bool)
+    gt[2:12, 2:12] = True
+    pred = gt.copy()
+    pred[2:12, 2:5] = False  # 30 missed pixels
+    pred[15:18, 15:17] = True  # 6 extra pixels
+    r, c, positive = largest_error_click(pred, gt)
+    assert positive and 2 <= c < 5 and 2 <= r < 12
+    pred = gt.copy()
+    pred[14:20, 14:20] = True  # only an extra region
+    r, c, positive = largest_error_click(pred, gt)
+    assert not positive and r >= 14 and c >= 14
+    assert largest_error_click(gt, gt) is None
+
+
+def test_box_jitter_only_grows_the_box():
+    gt = np.zeros((30, 30), bool)
+    gt[10:20, 12:18] = True
+    rng = np.random.default_rng(0)
+    for _ in range(20):
+        r0, c0, r1, c1 = jittered_box(gt, rng, 5)
+        assert 5 <= r0 <= 10 and 7 <= c0 <= 12 and 19 <= r1 <= 24 and 17 <= c1 <= 22
+    assert jittered_box(gt, None, 5) == (10, 12, 19, 17)
+    assert dice(gt, gt) == 1.0 and dice(gt, ~gt) == 0.0
+
+
+def test_split_is_shuffled_reproducible_and_explains_small_sets():
+    vols = [LabelledVolume(SAMPLE / f"{i}.nii.gz", SAMPLE / f"{i}.nii.gz", {}, str(i)) for i in range(10)]
+    a = split_volumes(vols, 0.2, seed=3)
+    b = split_volumes(vols, 0.2, seed=3)
+    assert [v.image_id for v in a[1]] == [v.image_id for v in b[1]] and len(a[1]) == 2
+    assert [v.image_id for v in a[1]] != ["0", "1"] or [v.image_id for v in split_volumes(vols, 0.2, 4)[1]] != [
+        "0",
+        "1",
+    ]
+    train, val, note = split_volumes(vols[:1], 0.2, seed=0)
+    assert val == [] and "no validation split" in note and "at least 2" in note
+
+
+def test_training_changes_only_adapters_and_heads():
+    torch.manual_seed(0)
+    model = AdaptedSam(build_backbone("tiny"), AdapterSettings(), labels=("spleen",))
+    model.freeze_all_but(["decoder_adapters", "hypernetworks", "prompt_free_head", "encoder_adapters"])
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    settings = TrainSettings(max_epochs=1, steps_per_epoch=2, max_slices_per_volume=2, train_encoder_adapters=True)
+    samples = prepare_samples(model, [SPLEEN], PreprocessSettings(), settings, torch.device("cpu"))
+    assert samples and samples[0].model_input is not None and samples[0].embedding is None
+    assert samples[0].head_target is not None and set(np.unique(samples[0].head_target)) <= {0, 1}
+    result = AdapterTrainer(model, settings, torch.device("cpu")).fit(samples, [], feed_logits_before=False)
+    assert result.best_state is not None and result.epochs_run == 1
+    after = model.state_dict()
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert changed, "nothing was trained"
+    # every changed tensor belongs to a trainable part; batch-norm statistics of the encoder are untouched
+    assert all(
+        part_of(k) in ("decoder_adapters", "hypernetworks", "prompt_free_head", "encoder_adapters") for k in changed
+    ), sorted(changed)[:5]
+    assert any(part_of(k) == "encoder_adapters" for k in changed)
+
+
+def test_labels_of_the_wrong_shape_are_refused(tmp_path):
+    import nibabel as nib
+
+    bad = tmp_path / "bad.nii.gz"
+    nib.save(nib.Nifti1Image(np.ones((10, 10, 10), np.uint8), np.eye(4)), str(bad))
+    model = AdaptedSam(build_backbone("tiny"), AdapterSettings())
+    with pytest.raises(TrainingDataError, match="shape"):
+        prepare_samples(model, [LabelledVolume(SPLEEN.image, bad)], PreprocessSettings(), TrainSettings(), "cpu")
+
+
+def test_label_names_come_from_label_info_in_order():
+    info = {"label_info": [{"name": "spleen", "idx": 7}, {"name": "liver", "idx": 1}], "client_id": "x"}
+    assert names_from_label_info(info) == {1: "spleen", 2: "liver"}
+    assert names_from_label_info({}) == {}
+
+
+def test_train_options_parse_like_clients_send_them():
+    settings, publish = AdapterTrainTask.settings_from_request(
+        {
+            "max_epochs": "3",
+            "learning_rate": [0.001, 0.01],
+            "val_split": 0.25,
+            "train_encoder_adapters": "false",
+            "publish": ["always", "if_better"],
+            "tracking": "mlflow",
+            "client_id": "slicer",
+        }
+    )
+    assert settings.max_epochs == 3 and settings.learning_rate == 0.001 and settings.val_fraction == 0.25
+    assert settings.train_encoder_adapters is False and publish == "always"
+    for bad in ({"max_epochs": "many"}, {"max_epochs": 0}, {"learning_rate": -1}, {"publish": "sometimes"}):
+        with pytest.raises(TrainingDataError):
+            AdapterTrainTask.settings_from_request(bad)
+
+
+def test_distributed_training_with_two_gloo_processes_keeps_ranks_in_step(tmp_path):
+    from lib.core.config import parse_profile
+    from lib.core.distributed import DistributedJob, train_distributed
+
+    profile = parse_profile({"name": "tiny", "backbone": "tiny", "labels": ["spleen"]})
+    settings = TrainSettings(max_epochs=2, steps_per_epoch=2, max_slices_per_volume=2, batch_size=2)
+    parts = ("decoder_adapters", "hypernetworks", "prompt_free_head")
+    job = DistributedJob(profile, None, parts, (SPLEEN,), (SPLEEN,), settings, False, tmp_path, "gloo")
+    result = train_distributed(job, world=2)
+    assert result.epochs_run >= 1 and "box_dice" in result.before
+    rank0 = torch.load(tmp_path / "rank0.pt", weights_only=False)["final_state"]
+    rank1 = torch.load(tmp_path / "rank1.pt", weights_only=False)["final_state"]
+    assert all(torch.equal(rank0[k], rank1[k]) for k in rank0), "ranks diverged: gradients were not averaged"
+    fresh = AdaptedSam.from_profile(profile).adaptable_state()
+    assert any(not torch.equal(rank0[k], fresh[k]) for k in rank0 if part_of(k) in parts)
