@@ -138,3 +138,18 @@ def test_four_dimensional_images_are_refused(tmp_path):
     nib.save(nib.Nifti1Image(np.zeros((4, 4, 4, 3), np.float32), np.eye(4)), path)
     with pytest.raises(VolumeError, match="3D"):
         load_volume(path)
+
+
+def test_png_slices_load_as_one_slice_volumes_shown_as_the_picture():
+    from PIL import Image
+
+    from conftest import shared
+
+    path = shared("ct2d_amos_totalseg", "images", "amos_0004_75.png")
+    picture = np.asarray(Image.open(path).convert("L"))
+    volume = load_volume(path)
+    assert volume.shape == (picture.shape[1], picture.shape[0], 1)
+    view = SliceView.from_affine(volume.affine, 2)
+    np.testing.assert_array_equal(view.slice(volume.array, 0), picture)
+    # a click at picture row r, column c is voxel [c, r, 0]
+    assert view.voxel_to_display(np.array([[7, 3, 0]]), volume.shape).tolist() == [[3, 7]]

@@ -217,3 +217,18 @@ def test_bad_requests_get_4xx_with_a_reason_and_change_nothing(server, slicer, t
     # still serving, nothing written
     assert requests.get(f"{server.url}/info/", timeout=10).ok
     assert snapshot(server.studies) == before
+
+
+def test_deepedit_clicks_per_label_give_a_multi_label_result(slicer, spleen_label):
+    ks = np.nonzero(spleen_label.any(axis=(0, 1)))[0]
+    mid = int(ks[len(ks) // 2])
+    ii, jj = np.nonzero(spleen_label[:, :, mid])
+    roi = [int(ii.min()), int(ii.max()), int(jj.min()), int(jj.max()), mid, mid]
+    inside = np.argwhere(spleen_label[:, :, mid])
+    click = [int(v) for v in inside[len(inside) // 2]] + [mid]
+    params = {"spleen": [click], "liver": [], "background": [], "roi": roi, "label": "spleen"}
+    vol, result = slicer_infer(slicer, "medsam_deepedit", SPLEEN, params)
+    values = set(np.unique(vol.array).tolist())
+    assert values <= {0, 1}, "spleen must be written with its label index (1)"
+    assert dice(vol.array == 1, spleen_label) >= 0.85
+    assert set(result["labels"]) == {"spleen"} and result["label_names"]["spleen"] == 1

@@ -130,6 +130,11 @@ def test_labels_train_publish_and_hot_reload(train_server):
     assert answer["model_version"] == f"v{published}" and not answer["embedding_cached"]
     assert not np.array_equal(infer_mask(client), base_mask)
 
+    # the prompt-free head was trained on the "spleen" labels: the automatic task now answers
+    auto, _ = client.infer("medsam_auto", "spleen_ct", {"result_extension": ".nii.gz"})
+    auto_label = np.asarray(nib.load(auto).dataobj)
+    assert auto_label.shape == (164, 166, 26) and set(np.unique(auto_label).tolist()) <= set(range(8))
+
     # OHIF's "Update Model": POST /train/ with {} (server defaults apply)
     r = requests.post(f"{url}/train/", json={}, timeout=30)
     assert r.status_code == 200, r.text

@@ -93,6 +93,13 @@ class MedSamInferTask(BasicInferTask):
     def segment(self, volume: Volume, data: dict) -> SegmentationOutput:
         raise NotImplementedError
 
+    def client(self, data: dict) -> str:
+        """The requesting client's id; its refinement state is cleared first when it asks to reset."""
+        client = _text(data, "client_id", "user")
+        if _flag(data, "reset_state"):
+            self.segmenter.clients.reset(client)
+        return client
+
     def run_inferer(self, data: dict, convert_to_batch: bool = True, device: str = "cuda") -> dict:
         image = data.get("image")
         with client_errors():
@@ -125,7 +132,7 @@ class MedSamInferTask(BasicInferTask):
         ext = data.get("result_extension") or ".nrrd"
         dtype = data.get("result_dtype") or "uint8"
         path = temp_label_path(ext)
-        compress = _flag({"c": data.get("result_compress", True)}, "c") if "result_compress" in data else True
+        compress = _flag(data, "result_compress") if "result_compress" in data else True
         write_label(np.asarray(data["pred"]).astype(dtype), data["affine"], path, compress=compress)
         return str(path), data["result"]
 
@@ -144,9 +151,7 @@ class PromptedTask(MedSamInferTask):
         self.three_d = three_d
 
     def segment(self, volume: Volume, data: dict) -> SegmentationOutput:
-        client = _text(data, "client_id", "user")
-        if _flag(data, "reset_state"):
-            self.segmenter.clients.reset(client)
+        client = self.client(data)
         prompts = parse_prompts(data, volume.shape)
         k = parse_slice(data.get("slice"), volume.shape, 2)
         state = (client, str(data["image"]), _text(data, "label", "object"), "3d" if self.three_d else "2d")
@@ -160,29 +165,30 @@ class PromptedTask(MedSamInferTask):
         )
 
 
+def label_indices(segmenter: InteractiveSegmenter) -> dict[str, int]:
+    """The profile's label names and their values in multi-label results (1..N)."""
+    return {name: i + 1 for i, name in enumerate(segmenter.profile.labels)}
+
+
 class DeepEditTask(MedSamInferTask):
     """``medsam_deepedit``: clicks per label name (``{"spleen": [[i, j, k]], "background": [...]}``),
     each label propagated in 3D from its clicks; one multi-label result."""
 
     def __init__(self, segmenter: InteractiveSegmenter) -> None:
-        names = segmenter.profile.labels
         super().__init__(
-            segmenter,
-            InferType.DEEPEDIT,
-            3,
-            "Clicks per label -> multi-label 3D result",
-            labels={name: i + 1 for i, name in enumerate(names)},
+            segmenter, InferType.DEEPEDIT, 3, "Clicks per label -> multi-label 3D result", label_indices(segmenter)
         )
 
     def segment(self, volume: Volume, data: dict) -> SegmentationOutput:
-        client = _text(data, "client_id", "user")
-        if _flag(data, "reset_state"):
-            self.segmenter.clients.reset(client)
+        client = self.client(data)
         roi = parse_prompts({"roi": data.get("roi")}, volume.shape).roi
         clicks = {name: parse_points(data.get(name), name, volume.shape) for name in self.labels}
         background = parse_points(data.get("background"), "background", volume.shape)
-        if not any(len(c) for c in clicks.values()):
+        edited = [name for name, c in clicks.items() if len(c)]
+        if not edited:
             raise PromptError(f"no clicks for any label: send clicks under one of {list(self.labels)}")
+        if roi is not None and len(edited) > 1:
+            raise PromptError(f"an ROI box belongs to one object, but clicks were sent for {edited}")
         label = np.zeros(volume.shape, dtype=np.uint8)
         params: dict[str, Any] = {"labels": {}}
         for name, idx in self.labels.items():
@@ -207,13 +213,12 @@ class AutoTask(MedSamInferTask):
     """``medsam_auto``: the prompt-free head, every slice, all labels (segmentation type)."""
 
     def __init__(self, segmenter: InteractiveSegmenter) -> None:
-        names = segmenter.profile.labels
         super().__init__(
             segmenter,
             InferType.SEGMENTATION,
             3,
             "Automatic first pass from the prompt-free head",
-            labels={name: i + 1 for i, name in enumerate(names)},
+            label_indices(segmenter),
         )
 
     def segment(self, volume: Volume, data: dict) -> SegmentationOutput:
