@@ -41,11 +41,15 @@ def spleen_only(name: str, folder) -> str:
 
 
 def wait_for(url: str, kind: str, timeout: float = 900) -> dict:
-    """Wait until no ``kind`` (train, scoring) task runs; return the last task's status."""
+    """Wait until no ``kind`` (train, scoring) task runs and the latest one has a final status."""
     deadline = time.time() + timeout
     while time.time() < deadline:
-        if requests.get(f"{url}/{kind}/", params={"check_if_running": True}, timeout=10).status_code == 404:
-            return requests.get(f"{url}/{kind}/", timeout=10).json()
+        running = requests.get(f"{url}/{kind}/", params={"check_if_running": True}, timeout=10).status_code == 200
+        latest = requests.get(f"{url}/{kind}/", timeout=10)
+        if latest.status_code == 404 and not running:
+            return {}
+        if not running and latest.json().get("status") in ("DONE", "ERROR", "STOPPED"):
+            return latest.json()
         time.sleep(2)
     raise AssertionError(f"{kind} did not finish in time")
 
