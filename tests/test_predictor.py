@@ -165,6 +165,9 @@ def test_published_adapters_are_hot_reloaded_and_old_embeddings_dropped(tiny_seg
     assert not after.params["embedding_cached"], "embedding of the old encoder adapters was reused"
     assert len(seg.embeddings) == 1
     assert not np.array_equal(after.label, base.label) or after.params["predicted_iou"] != base.params["predicted_iou"]
+    # an unusable newer file (not written by the trainer) never replaces the last good version
+    (seg.adapter_dir / "adapter_v0002.pt").write_bytes(b"copied by hand, truncated")
+    assert seg.segment(volume, prompts, three_d=False).params["model_version"] == "v1"
     # rollback by configuration
     seg.pinned_version = 99
     assert seg.segment(volume, prompts, three_d=False).params["model_version"] == "base"

@@ -21,7 +21,7 @@ import torch
 from torch import Tensor
 
 from .cache import EmbeddingCache
-from .checkpoint import AdapterCheckpoint
+from .checkpoint import AdapterCheckpoint, CheckpointError
 from .config import ModelProfile
 from .model import AdaptedSam, part_of
 from .orientation import SliceView
@@ -138,7 +138,18 @@ class InteractiveSegmenter:
         with self._lock:
             if self._loaded is not None and wanted == self._source:
                 return self._loaded
-            self._loaded = self._build(wanted)
+            try:
+                built = self._build(wanted)
+            except CheckpointError as e:
+                # keep serving the last good version (or the base model); retry when the files change
+                logger.error(
+                    "profile %s: cannot use %s (%s); serving the previous model", self.profile.name, wanted[2], e
+                )
+                if self._loaded is None:
+                    self._loaded = self._build(("base", 0, "", 0))
+                self._source = wanted
+                return self._loaded
+            self._loaded = built
             self._source = wanted
             dropped = self.embeddings.retain_only(self._loaded.encoder_fingerprint)
             logger.info(
