@@ -128,6 +128,8 @@ def test_refinement_state_is_per_client_and_reset(tiny_segmenter):
     ]
     # 2D: only the prompted slice is filled
     assert set(np.nonzero(first.label)[2]) <= {12}
+    # the intensity window was computed once for the volume, not once per request
+    assert list(volume.derived) == [("window", seg.profile.preprocessing, None)]
 
 
 def test_empty_or_background_only_prompts_are_refused(tiny_segmenter):

@@ -26,7 +26,7 @@ from .config import ModelProfile
 from .model import AdaptedSam, part_of
 from .orientation import SliceView
 from .predictor import LoadedModel, SlicePredictor, SliceResult
-from .preprocess import choose_window
+from .preprocess import IntensityWindow, choose_window
 from .prompts import PromptError, VoxelPrompts, choose_slice, points_on_slice
 from .propagation import PropagationSettings, propagate_box
 from .volume import Volume, VolumeCache
@@ -195,6 +195,14 @@ class InteractiveSegmenter:
     def predictor(self, loaded: LoadedModel) -> SlicePredictor:
         return SlicePredictor(loaded, self.embeddings, self.profile.preprocessing, self.profile.inference, self.device)
 
+    def window(self, volume: Volume, override: str | None = None) -> IntensityWindow:
+        """The volume's intensity window, computed once per loaded volume (percentiles of a large MR
+        volume cost hundreds of milliseconds, far too much to repeat on every click)."""
+        key = ("window", self.profile.preprocessing, override)
+        if key not in volume.derived:
+            volume.derived[key] = choose_window(volume.array, self.profile.preprocessing, override)
+        return volume.derived[key]
+
     def feeds_logits(self, loaded: LoadedModel) -> bool:
         mode = self.profile.inference.refine_with_logits
         return mode == "always" or (mode == "auto" and loaded.model.trained_with_mask_prompts)
@@ -232,7 +240,7 @@ class InteractiveSegmenter:
         loaded = self.current()
         predictor = self.predictor(loaded)
         view = SliceView.from_affine(volume.affine, axis)
-        win = choose_window(volume.array, self.profile.preprocessing, window)
+        win = self.window(volume, window)
         k = choose_slice(prompts, slice_index, axis)
         if prompts.roi is not None and not prompts.roi.lo[axis] <= k <= prompts.roi.hi[axis] and not three_d:
             raise PromptError(
@@ -310,7 +318,7 @@ class InteractiveSegmenter:
             )
         predictor = self.predictor(loaded)
         view = SliceView.from_affine(volume.affine, axis)
-        win = choose_window(volume.array, self.profile.preprocessing, window)
+        win = self.window(volume, window)
         label = np.zeros(volume.shape, dtype=np.uint8)
         index = [slice(None)] * 3
         for k in range(volume.shape[axis]):
@@ -330,7 +338,7 @@ class InteractiveSegmenter:
             raise PromptError(f"the automatic head of '{self.profile.name}' has not been trained yet")
         predictor = self.predictor(loaded)
         view = SliceView.from_affine(volume.affine, axis)
-        win = choose_window(volume.array, self.profile.preprocessing)
+        win = self.window(volume)
         picks = np.unique(np.linspace(0, volume.shape[axis] - 1, slices).round().astype(int))
         values = []
         for k in picks:

@@ -6,7 +6,7 @@ import os
 import tempfile
 import threading
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import nibabel as nib
@@ -28,6 +28,8 @@ class Volume:
 
     array: np.ndarray
     affine: np.ndarray
+    # derived per-volume values (e.g. intensity windows), memoised with the volume in its cache
+    derived: dict = field(default_factory=dict, compare=False, repr=False)
 
     @property
     def shape(self) -> tuple[int, int, int]:
