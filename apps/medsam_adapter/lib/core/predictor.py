@@ -123,9 +123,7 @@ class SlicePredictor:
     ) -> Tensor:
         """Softmax of the prompt-free head (1 + labels, h, w) over the slice's valid low-res region."""
         embedding, frame, _, _ = self.embed(image, window, spacing)
-        h, w = frame.resized
-        low_h, low_w = self.model.low_res_size
-        rows, cols = max(1, round(h * low_h / frame.img_size)), max(1, round(w * low_w / frame.img_size))
+        rows, cols = frame.low_res_extent(self.model.low_res_size)
         with torch.inference_mode():
             return self.model.auto_segment(embedding)[0, :, :rows, :cols].softmax(0).cpu()
 

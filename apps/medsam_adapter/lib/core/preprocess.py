@@ -144,13 +144,16 @@ class LetterboxFrame:
         up = up[..., :h, :w]
         return F.interpolate(up, size=(self.rows, self.cols), mode="bilinear", align_corners=False)
 
+    def low_res_extent(self, low_res: tuple[int, int]) -> tuple[int, int]:
+        """Rows and columns the slice occupies in the low-res frame (the same share as in the model frame)."""
+        h, w = self.resized
+        return max(1, round(h * low_res[0] / self.img_size)), max(1, round(w * low_res[1] / self.img_size))
+
     def labels_to_low_res(self, labels: np.ndarray, low_res: tuple[int, int]) -> np.ndarray:
         """A (rows, cols) label map -> (h, w) label map in the low-res frame (nearest neighbour, padded 0)."""
-        h, w = self.resized
         lh, lw = low_res
         t = torch.from_numpy(np.ascontiguousarray(labels, dtype=np.float32))[None, None]
-        # resize into the same share of the low-res frame that the slice occupies in the model frame
-        sh, sw = max(1, round(h * lh / self.img_size)), max(1, round(w * lw / self.img_size))
+        sh, sw = self.low_res_extent(low_res)
         t = F.interpolate(t, size=(sh, sw), mode="nearest-exact")
         t = F.pad(t, (0, lw - sw, 0, lh - sh))
         return t[0, 0].to(torch.int64).numpy()

@@ -45,6 +45,14 @@ def names_from_label_info(info: dict[str, Any]) -> dict[int, str]:
     return {i + 1: name for i, name in enumerate(names)}
 
 
+def first_item(request: dict, key: str, default: Any) -> Any:
+    """A request option; a list (a config option the client sent as shown) means its first item."""
+    value = request.get(key, default)
+    if isinstance(value, list):
+        return value[0] if value else default
+    return value
+
+
 def write_json_atomic(path: Path, data: dict) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
@@ -91,9 +99,7 @@ class AdapterTrainTask(TrainTask):
         """Typed settings from a request (first item of lists, as clients send config options)."""
 
         def value(key: str, cast: type, default: Any) -> Any:
-            raw = request.get(key, default)
-            if isinstance(raw, list):
-                raw = raw[0] if raw else default
+            raw = first_item(request, key, default)
             if cast is bool and isinstance(raw, str):
                 return raw.strip().lower() in ("1", "true", "yes")
             try:
@@ -160,18 +166,13 @@ class AdapterTrainTask(TrainTask):
     def world_size(request: dict) -> tuple[int, str]:
         """(processes, backend): MONAI Label's ``multi_gpu``/``gpus`` on a multi-GPU machine, or
         ``distributed_world_size`` CPU processes with gloo (for machines without GPUs, and tests)."""
-
-        def first(key: str, default: Any) -> Any:
-            value = request.get(key, default)
-            return value[0] if isinstance(value, list) and value else value
-
-        cpu_world = int(first("distributed_world_size", 1) or 1)
+        cpu_world = int(first_item(request, "distributed_world_size", 1) or 1)
         if cpu_world > 1:
             return cpu_world, "gloo"
-        multi = str(first("multi_gpu", False)).lower() in ("1", "true", "yes")
+        multi = str(first_item(request, "multi_gpu", False)).lower() in ("1", "true", "yes")
         gpus = torch.cuda.device_count()
         if multi and gpus > 1:
-            wanted = str(first("gpus", "all"))
+            wanted = str(first_item(request, "gpus", "all"))
             count = gpus if wanted in ("all", "") else len([g for g in wanted.split(",") if g.strip()])
             return min(count, gpus), "nccl"
         return 1, ""
