@@ -5,5 +5,5 @@ set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$root"
 scripts/setup_venv.sh
-.venv/bin/ruff check apps tests benchmarks
+.venv/bin/ruff check apps tests benchmarks scripts
 exec .venv/bin/python -m pytest -q tests "$@"

@@ -15,10 +15,12 @@ from .prompts import mask_box
 
 
 def interior_point(region: np.ndarray) -> tuple[int, int]:
-    """The pixel farthest from the region's border (first in row-major order on ties)."""
+    """The pixel farthest from the region's border; among equally deep pixels (e.g. the middle line of
+    a rectangle), the one nearest to their centre."""
     padded = np.pad(region.astype(bool), 1)
     dist = ndimage.distance_transform_edt(padded)[1:-1, 1:-1]
-    r, c = np.unravel_index(int(np.argmax(dist)), dist.shape)
+    deepest = np.argwhere(dist == dist.max())
+    r, c = deepest[int(np.argmin(((deepest - deepest.mean(axis=0)) ** 2).sum(axis=1)))]
     return int(r), int(c)
 
 

@@ -31,7 +31,7 @@ from .config import PreprocessSettings
 from .model import AdaptedSam
 from .orientation import SliceView
 from .preprocess import LetterboxFrame, choose_window, normalize_slice
-from .volume import load_volume
+from .volume import Volume, load_volume
 
 logger = logging.getLogger(__name__)
 
@@ -63,8 +63,8 @@ class TrainSettings:
 
 @dataclass
 class LabelledVolume:
-    image: Path
-    label: Path
+    image: Path | Volume  # a file, or a volume already in memory
+    label: Path | Volume
     names: dict[int, str] = field(default_factory=dict)  # voxel value -> label name
     image_id: str = ""
 
@@ -102,6 +102,10 @@ def split_volumes(volumes: Sequence[LabelledVolume], fraction: float, seed: int)
     return order[n_val:], order[:n_val], f"validation on {n_val} of {len(order)} labelled images"
 
 
+def _as_volume(item: Path | Volume) -> Volume:
+    return item if isinstance(item, Volume) else load_volume(item)
+
+
 def prepare_samples(
     model: AdaptedSam,
     volumes: Sequence[LabelledVolume],
@@ -114,11 +118,12 @@ def prepare_samples(
     low_res = model.low_res_size
     head_index = {name: i + 1 for i, name in enumerate(model.labels)}
     for vol in volumes:
-        image, label = load_volume(vol.image), load_volume(vol.label)
+        image, label = _as_volume(vol.image), _as_volume(vol.label)
+        what = vol.image_id or getattr(vol.label, "name", "label")
         if label.shape != image.shape:
-            raise TrainingDataError(f"{vol.label.name}: label shape {label.shape} != image shape {image.shape}")
+            raise TrainingDataError(f"{what}: label shape {label.shape} != image shape {image.shape}")
         if not np.allclose(label.affine, image.affine, atol=1e-3):
-            raise TrainingDataError(f"{vol.label.name}: label geometry differs from its image {vol.image.name}")
+            raise TrainingDataError(f"{what}: label geometry differs from its image")
         view = SliceView.from_affine(image.affine, 2)
         window = choose_window(image.array, preprocessing)
         values = np.asarray(label.array)
@@ -146,7 +151,7 @@ def prepare_samples(
                 for v, idx in known.items():
                     head_target[lr == v] = idx
             x = frame.image_to_model(normalize_slice(raw, window, preprocessing.per_slice_minmax)).to(device)
-            sample = SliceSample(vol.image_id or vol.image.name, k, lr, objects, head_target)
+            sample = SliceSample(vol.image_id or getattr(vol.image, "name", "image"), k, lr, objects, head_target)
             if settings.train_encoder_adapters:
                 sample.model_input = x
             else:
