@@ -5,7 +5,9 @@
 Prints medians over repeats, all measured in this one process so ratios are comparable:
 - base LiteMedSAM encoder vs the adapted encoder (adapters' cost),
 - decoder per prompt (box; box + clicks + previous logits),
-- first prompt on a slice (encoder + decoder) vs a further prompt on the same slice (cached).
+- first prompt on a slice (encoder + decoder) vs a further prompt on the same slice (cached),
+- a click with fed-back logits on a cached slice: bare LiteMedSAM vs the shipped click adapter
+  (interleaved repeats, the adapters' cost per click).
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ sys.path.insert(0, str(ROOT / "apps" / "medsam_adapter"))
 
 from lib.core.backbones import build_backbone  # noqa: E402
 from lib.core.cache import EmbeddingCache  # noqa: E402
+from lib.core.checkpoint import AdapterCheckpoint  # noqa: E402
 from lib.core.config import AdapterSettings, InferenceSettings, PreprocessSettings  # noqa: E402
 from lib.core.model import AdaptedSam  # noqa: E402
 from lib.core.orientation import SliceView  # noqa: E402
@@ -42,6 +45,32 @@ def median_ms(fn, repeats: int) -> float:
         fn()
         times.append((time.perf_counter() - start) * 1e3)
     return statistics.median(times)
+
+
+def click_cost(slice_k, window, spacing, inside, device, repeats: int) -> dict[str, float]:
+    """Median ms of one click + previous logits on a cached slice: bare model vs shipped adapter."""
+    shipped_path = ROOT / "apps" / "medsam_adapter" / "adapters" / "lite_medsam_clicks.pt"
+    bare = AdaptedSam(build_backbone("lite_medsam"), AdapterSettings(encoder=False, decoder=False)).to(device)
+    shipped = AdaptedSam(build_backbone("lite_medsam"), AdapterSettings(), labels=AdapterCheckpoint.load(
+        shipped_path).labels)
+    AdapterCheckpoint.load(shipped_path).apply_to(shipped)
+    shipped.to(device).eval()
+    click = inside[len(inside) // 2][None]
+    times: dict[str, list[float]] = {"bare": [], "shipped": []}
+    predictors = {}
+    for name, m in (("bare", bare), ("shipped", shipped)):
+        p = SlicePredictor(LoadedModel(m, 0, name), EmbeddingCache(64), PreprocessSettings(), InferenceSettings(),
+                           device)
+        predictors[name] = (p, p.predict(slice_k, window, spacing, click, np.array([1])).low_res_logits)
+    for _ in range(repeats):  # interleaved, so drifts in machine load hit both alike
+        for name, (p, logits) in predictors.items():
+            start = time.perf_counter()
+            with torch.inference_mode():
+                p.predict(slice_k, window, spacing, click, np.array([1]), None, logits)
+            times[name].append((time.perf_counter() - start) * 1e3)
+    bare_ms, shipped_ms = statistics.median(times["bare"]), statistics.median(times["shipped"])
+    return {"click_bare_model_ms": bare_ms, "click_shipped_adapter_ms": shipped_ms,
+            "click_shipped_over_bare_ratio": round(shipped_ms / bare_ms, 3)}
 
 
 def main() -> None:
@@ -97,6 +126,7 @@ def main() -> None:
     cached_box()
     results["cached_prompt_box_ms"] = median_ms(run(cached_box), args.repeats * 3)
     results["cached_prompt_box_clicks_logits_ms"] = median_ms(run(cached_refine), args.repeats * 3)
+    results.update(click_cost(slice_k, window, view.spacing, inside, device, args.repeats * 5))
     results["first_over_cached_ratio"] = round(results["first_prompt_ms"] / results["cached_prompt_box_ms"], 1)
     results["adapted_over_base_encoder_ratio"] = round(results["encoder_adapted_ms"] / results["encoder_base_ms"], 3)
     for key, value in results.items():

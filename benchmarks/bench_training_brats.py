@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import sys
 import tempfile
 import time
@@ -29,7 +28,13 @@ sys.path.insert(0, str(ROOT / "apps" / "medsam_adapter"))
 from lib.core.backbones import build_backbone  # noqa: E402
 from lib.core.config import AdapterSettings, PreprocessSettings  # noqa: E402
 from lib.core.model import AdaptedSam  # noqa: E402
-from lib.core.training import AdapterTrainer, LabelledVolume, TrainSettings, prepare_samples  # noqa: E402
+from lib.core.training import (  # noqa: E402
+    AdapterTrainer,
+    LabelledVolume,
+    TrainSettings,
+    prepare_samples,
+    run_summary,
+)
 
 BRATS = ROOT.parent / "shared" / "data" / "mr_brats2015"
 
@@ -68,24 +73,13 @@ def main() -> None:
     result = trainer.fit(train, val, feed_logits_before=False,
                          progress=lambda e: print(json.dumps({k: round(v, 4) if isinstance(v, float) else v
                                                               for k, v in e.items()}), flush=True))
-    counts = model.parameter_counts()
     report = {
         "data": {"train": [v.image_id for v in train_vols], "validation": [v.image_id for v in val_vols],
                  "train_slices": len(train), "train_objects": sum(len(s.objects) for s in train),
                  "validation_objects": min(sum(len(s.objects) for s in val), settings.max_val_objects)},
         "base": result.before,
         "fine_tuned": result.after,
-        "best_epoch": result.best_epoch,
-        "epochs_run": result.epochs_run,
-        "trainable_parameters": counts["trainable"],
-        "total_parameters": counts["total"],
-        "embedding_seconds": round(prepared, 1),
-        "training_seconds": round(result.seconds, 1),
-        "round_wall_seconds": round(time.time() - start, 1),
-        "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
-        "device": str(device),
-        "threads": torch.get_num_threads(),
-        "notes": result.notes,
+        **run_summary(result, model, device, start, prepared),
     }
     print(json.dumps(report, indent=2))
 

@@ -1,14 +1,16 @@
 #!/usr/bin/env bash
 # The README's results tables: base LiteMedSAM against the shipped click adapter on every labelled set
 # in ../shared/data (held-out sets first), then one table per set in $OUT/<set>/results.md + plots.
-#   benchmarks/readme_results.sh [OUT=benchmarks/results] [MAX_SLICES=5]
+#   benchmarks/readme_results.sh [OUT=benchmarks/results] [MAX_SLICES=5] [METHODS=base,shipped]
+# (METHODS=shipped with results already in OUT appends to them.)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${1:-benchmarks/results}
 SLICES=${2:-5}
+METHODS=${3:-base,shipped}
 D=../shared/data
 PY=.venv/bin/python
-run() { name=$1; shift; $PY scripts/evaluate.py "$@" --methods base,shipped --max-slices "$SLICES" --out "$OUT/$name"; }
+run() { name=$1; shift; $PY scripts/evaluate.py "$@" --methods "$METHODS" --max-slices "$SLICES" --append --out "$OUT/$name"; }
 
 # held out from the click adapter's training
 run brats_flair_heldout $D/mr_brats2015 --image-name flair.nii.gz --label-name label.nii.gz \

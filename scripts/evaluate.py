@@ -88,7 +88,7 @@ def markdown(report: dict) -> str:
         "| method | box | jittered box | 1 click | 3 clicks | 5 clicks | "
         + " | ".join(f"NoC@{k[3:]} (fail)" for k in noc_keys)
         + " | 3D Dice | NSD |",
-        "|---|" + "---|" * (6 + len(noc_keys)),
+        "|---|" + "---|" * (7 + len(noc_keys)),
     ]
     for name, m in methods.items():
         o = m["overall"]
@@ -154,6 +154,7 @@ def main() -> None:
     parser.add_argument("dataset", type=Path)
     parser.add_argument("--methods", default="base", help="comma-separated: base, shipped, checkpoint path, URL")
     parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--name", help="title of the tables (default: the --out folder's name)")
     parser.add_argument("--profile", default="lite_medsam")
     parser.add_argument("--labels", type=Path, help="label folder for an image folder dataset")
     parser.add_argument("--image-name", help="image file name inside each case folder")
@@ -167,6 +168,8 @@ def main() -> None:
     parser.add_argument("--no-3d", action="store_true")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default=None)
+    parser.add_argument("--append", action="store_true",
+                        help="add these methods to an earlier results.json in --out (same dataset and settings)")
     args = parser.parse_args()
 
     cases = load_dataset(args.dataset, args.labels, args.image_name, args.label_name)
@@ -177,7 +180,7 @@ def main() -> None:
                             three_d=not args.no_3d, seed=args.seed)
     args.out.mkdir(parents=True, exist_ok=True)
     report = {
-        "dataset": args.dataset.name,
+        "dataset": args.name or args.out.name,
         "dataset_path": str(args.dataset),
         "reference": args.reference,
         "cases": len(cases),
@@ -189,6 +192,13 @@ def main() -> None:
         "command": "python scripts/evaluate.py " + " ".join(sys.argv[1:]),
         "methods": {},
     }
+    previous = args.out / "results.json"
+    if args.append and previous.is_file():
+        earlier = json.loads(previous.read_text())
+        if earlier["settings"] != report["settings"] or earlier["dataset_path"] != report["dataset_path"]:
+            sys.exit(f"--append: {previous} was made with another dataset or settings")
+        report["methods"] = earlier["methods"]
+        report["command"] = earlier["command"] + " && " + report["command"]
     for method in args.methods.split(","):
         start = time.time()
         backend = backend_for(method, args.profile, args.device)

@@ -6,6 +6,7 @@ multipart ``params`` with ``output=image`` and copies the raw NRRD bytes into it
 
 from __future__ import annotations
 
+import copy
 import json
 import tempfile
 from pathlib import Path
@@ -18,7 +19,7 @@ import requests
 from monailabel.client import MONAILabelClient
 from monailabel.client.client import MONAILabelClientException
 
-from conftest import SAMPLE
+from conftest import APP, SAMPLE
 from lib.core.volume import load_volume
 
 SPLEEN = "spleen_ct"
@@ -60,6 +61,7 @@ def test_info_lists_tasks_with_client_facing_types(slicer):
 
 def test_slicer_box_matches_the_predictor_and_swapped_roi_is_the_same(slicer, spleen_label, lite_model):
     from lib.core.cache import EmbeddingCache
+    from lib.core.checkpoint import AdapterCheckpoint
     from lib.core.config import InferenceSettings, PreprocessSettings
     from lib.core.orientation import SliceView
     from lib.core.predictor import LoadedModel, SlicePredictor
@@ -78,8 +80,10 @@ def test_slicer_box_matches_the_predictor_and_swapped_roi_is_the_same(slicer, sp
     # the same prompt through the in-process predictor
     image = load_volume(SAMPLE / f"{SPLEEN}.nii.gz")
     view = SliceView.from_affine(image.affine, 2)
+    shipped = copy.deepcopy(lite_model)  # the server serves the shipped click adapter by default
+    AdapterCheckpoint.load(APP / "adapters" / "lite_medsam_clicks.pt").apply_to(shipped)
     predictor = SlicePredictor(
-        LoadedModel(lite_model, 0, "base"), EmbeddingCache(16), PreprocessSettings(), InferenceSettings()
+        LoadedModel(shipped, 0, "shipped", shipped=True), EmbeddingCache(16), PreprocessSettings(), InferenceSettings()
     )
     box = view.display_box((roi[0], roi[2]), (roi[1], roi[3]), image.shape)
     own = view.from_display(
@@ -91,7 +95,7 @@ def test_slicer_box_matches_the_predictor_and_swapped_roi_is_the_same(slicer, sp
     served = a.array[:, :, k] > 0
     assert dice(served, own) >= 0.99
     assert abs(dice(served, gt) - dice(own, gt)) < 0.01 and dice(served, gt) > 0.9
-    assert params["model_version"] == "base" and "latency_ms" in params
+    assert params["model_version"] == "shipped" and "latency_ms" in params
 
 
 def test_slicer_click_sequence_refines_on_one_slice(slicer, spleen_label):
@@ -102,9 +106,12 @@ def test_slicer_click_sequence_refines_on_one_slice(slicer, spleen_label):
     first, p1 = slicer_infer(slicer, "medsam_2d", SPLEEN, clicks)
     clicks.update(background=[[5, 5, k]], reset_state=False)
     second, p2 = slicer_infer(slicer, "medsam_2d", SPLEEN, clicks)
-    # the base model was never trained with mask prompts: its logits are kept but not fed back ("auto")
-    assert not p1["refined_with_previous_logits"] and not p2["refined_with_previous_logits"]
+    # the shipped click adapter was trained with mask prompts: the second request refines the first
+    assert not p1["refined_with_previous_logits"] and p2["refined_with_previous_logits"]
     assert p2["embedding_cached"] and p2["latency_ms"]["encoder"] == 0
+    gt = spleen_label[:, :, k]
+    assert dice(first.array[:, :, k] > 0, gt) > 0.8, "one click inside the spleen must segment it"
+    assert dice(second.array[:, :, k] > 0, gt) > 0.8
     for vol in (first, second):
         assert set(np.nonzero(vol.array)[2]) <= {k}
     # box plus clicks
@@ -166,8 +173,10 @@ def test_ohif_point_prompt_returns_raw_nrrd_in_the_image_grid(server, slicer, sp
         data, header = nrrd.read(str(path))
         assert header["encoding"] == "raw" and header["type"] in ("unsigned char", "uint8")
         assert data.shape == spleen_label.shape
-        # OHIF and Slicer get the same mask for the same prompt (the base model's click masks are
-        # weak: LiteMedSAM never learnt clicks; the shipped click adapter is a separate issue)
+        assert dice(data[:, :, k] > 0, spleen_label[:, :, k]) > 0.8  # one click segments the spleen
+        if model == "medsam_3d":
+            assert (data > 0).any(axis=(0, 1)).sum() > 5, "3D from one click spans several slices"
+        # OHIF and Slicer get the same mask for the same prompt
         same, _ = slicer_infer(slicer, model, SPLEEN, {"foreground": [fg], "background": [], "client_id": "ohif"})
         np.testing.assert_array_equal(data, same.array)
 
@@ -232,3 +241,23 @@ def test_deepedit_clicks_per_label_give_a_multi_label_result(slicer, spleen_labe
     assert values <= {0, 1}, "spleen must be written with its label index (1)"
     assert dice(vol.array == 1, spleen_label) >= 0.85
     assert set(result["labels"]) == {"spleen"} and result["label_names"]["spleen"] == 1
+
+
+def test_evaluation_over_http_measures_what_the_engine_gives(server):
+    """The evaluation suite as a client of the live server scores the same as in-process."""
+    from lib.core.config import load_profile
+    from lib.core.datasets import load_dataset
+    from lib.core.engine import InteractiveSegmenter
+    from lib.core.eval_backends import HttpBackend, InProcessBackend
+    from lib.core.evaluation import EvalSettings, evaluate_cases
+
+    (case,) = [c for c in load_dataset(SAMPLE, SAMPLE / "reference") if c.case_id == SPLEEN]
+    settings = EvalSettings(max_clicks=3, max_slices_per_structure=1, three_d=False)
+    over_http, _ = evaluate_cases(HttpBackend(server.url), [case], settings)
+    engine = InteractiveSegmenter(load_profile(APP / "configs" / "lite_medsam.toml"), device="cpu")
+    in_process, _ = evaluate_cases(InProcessBackend(engine), [case], settings)
+    (a,), (b,) = over_http, in_process
+    assert a.slice == b.slice and a.box_dice > 0.85
+    assert a.box_dice == pytest.approx(b.box_dice, abs=0.01)
+    assert a.click_dice == pytest.approx(b.click_dice, abs=0.02)
+    assert len(a.latency_ms["end_to_end"]) == 2 + 3 and len(a.latency_ms["decoder"]) == 2 + 3

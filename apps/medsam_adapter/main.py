@@ -5,6 +5,8 @@ Options (``--conf KEY VALUE``):
   device   cpu | cuda (default: cuda when available)
   embedding_cache_mb   override the profiles' embedding cache size (0 re-encodes on every click)
   adapter_version      serve this published adapter version instead of the newest (rollback)
+  shipped_adapters     true (default) | false: start from the adapters shipped with a profile (the
+                       click adapter of lite_medsam) or from the bare base model
   auto_train_after     start a training round after this many newly saved labels (0, default: off)
   train_<option>       server-side default of a train option (e.g. train_max_epochs 5), used when a
                        request leaves it out (OHIF's "Update Model" sends nothing)
@@ -15,6 +17,7 @@ from __future__ import annotations
 import json
 import logging
 import tempfile
+from dataclasses import replace
 from pathlib import Path
 
 from fastapi import HTTPException
@@ -34,9 +37,20 @@ logger = logging.getLogger(__name__)
 DEFAULT_PROFILE = "lite_medsam"
 
 
+def _conf_flag(conf: dict[str, str], key: str, default: bool) -> bool:
+    value = str(conf.get(key, default)).strip().lower()
+    if value in ("true", "1", "yes", "on"):
+        return True
+    if value in ("false", "0", "no", "off"):
+        return False
+    raise ProfileError(f"--conf {key}: expected true or false, got {conf[key]!r}")
+
+
 class MedSamAdapterApp(MONAILabelApp):
     def __init__(self, app_dir: str, studies: str, conf: dict[str, str]) -> None:
         self.profiles = self._select_profiles(Path(app_dir) / "configs", conf.get("models", ""))
+        if not _conf_flag(conf, "shipped_adapters", True):
+            self.profiles = {n: replace(p, adapter_checkpoint=None) for n, p in self.profiles.items()}
         device = conf.get("device") or None
         cache_mb = conf.get("embedding_cache_mb")
         self.segmenters = {

@@ -110,6 +110,7 @@ class InteractiveSegmenter:
         self._base_state: dict[str, Tensor] | None = None
         self._lock = threading.Lock()
         self.pinned_version: int | None = None  # rollback: serve this published version instead of the newest
+        self._warned_missing = False
 
     # -- model versions ---------------------------------------------------------------------------
     def _wanted_source(self) -> tuple:
@@ -125,8 +126,13 @@ class InteractiveSegmenter:
                 except FileNotFoundError:
                     pass
         shipped = self.profile.adapter_checkpoint
-        if shipped is not None and shipped.is_file():
-            return ("shipped", 0, str(shipped), shipped.stat().st_mtime_ns)
+        if shipped is not None:
+            if shipped.is_file():
+                return ("shipped", 0, str(shipped), shipped.stat().st_mtime_ns)
+            if not self._warned_missing:
+                logger.warning("profile %s: shipped adapters %s not found; serving the base model", self.profile.name,
+                               shipped)
+                self._warned_missing = True
         return ("base", 0, "", 0)
 
     def current(self) -> LoadedModel:
@@ -184,7 +190,7 @@ class InteractiveSegmenter:
             enc = ckpt.fingerprint("image_encoder.")
             fingerprint = f"enc-{enc}"
         model.to(self.device).eval()
-        return LoadedModel(model, version, f"{self.profile.name}:{fingerprint}")
+        return LoadedModel(model, version, f"{self.profile.name}:{fingerprint}", shipped=kind == "shipped")
 
     def served_adapters(self) -> Path | None:
         """The adapter checkpoint file behind the model served now (None: the bare base model)."""

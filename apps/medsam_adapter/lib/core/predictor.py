@@ -20,12 +20,14 @@ class LoadedModel:
     """One immutable model version; requests hold on to the snapshot they started with."""
 
     model: AdaptedSam
-    version: int  # 0: base model without trained adapters
+    version: int  # published adapter version; 0: the base model or the profile's shipped adapters
     encoder_fingerprint: str  # changes only when the encoder's adapters change
+    shipped: bool = False  # the profile's shipped adapters (version 0)
 
     @property
     def name(self) -> str:
-        return f"v{self.version}" if self.version else "base"
+        """What the answers report as ``model_version``: ``vN``, ``shipped`` or ``base``."""
+        return f"v{self.version}" if self.version else ("shipped" if self.shipped else "base")
 
 
 @dataclass

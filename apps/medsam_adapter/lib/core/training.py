@@ -399,6 +399,28 @@ class AdapterTrainer:
         return result
 
 
+def run_summary(result: TrainResult, model: AdaptedSam, device: torch.device, started: float,
+                embedding_seconds: float) -> dict:
+    """What a training run cost and reached: epochs, parameters, wall time, peak memory, machine."""
+    import resource
+
+    counts = model.parameter_counts()
+    return {
+        "best_epoch": result.best_epoch,
+        "epochs_run": result.epochs_run,
+        "trainable_parameters": counts["trainable"],
+        "total_parameters": counts["total"],
+        "embedding_seconds": round(embedding_seconds, 1),
+        "training_seconds": round(result.seconds, 1),
+        "wall_seconds": round(time.time() - started, 1),
+        "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+        "device": str(device),
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "notes": result.notes,
+    }
+
+
 def clone_for_training(model: AdaptedSam) -> AdaptedSam:
     """An independent copy (the served model is never trained in place)."""
     return copy.deepcopy(model)

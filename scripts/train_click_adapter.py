@@ -1,0 +1,141 @@
+"""Train the click adapter shipped with the app for the bundled LiteMedSAM (reproducible, CPU).
+
+    .venv/bin/python scripts/train_click_adapter.py [--epochs 24] [--steps 120] [--out PATH]
+
+Trains only the decoder-side adapters and heads (mask decoder adapters, output upscaling,
+hypernetworks, IoU head, mask tokens) with the product's own trainer and simulated annotator: single
+clicks, click sequences into the largest error with the previous logits fed back, boxes, box plus
+clicks. Image embeddings are computed once. Data: the shippable labelled scans only (``sample-data/``
+and the shippable folders of ``../shared/data``); ``mr_brats2015`` and ``ct_lesion_deeplesion`` are never
+used, they are the held-out evaluation. Writes the checkpoint atomically plus a JSON record (data list,
+seed, settings, validation numbers, wall time) next to it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from dataclasses import asdict, replace
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+APP = ROOT / "apps" / "medsam_adapter"
+sys.path.insert(0, str(APP))
+
+from lib.core.checkpoint import AdapterCheckpoint  # noqa: E402
+from lib.core.config import load_profile  # noqa: E402
+from lib.core.datasets import LabelledCase, load_dataset, png_mask_set, volume_pair  # noqa: E402
+from lib.core.model import AdaptedSam  # noqa: E402
+from lib.core.training import (  # noqa: E402
+    AdapterTrainer,
+    LabelledVolume,
+    TrainSettings,
+    prepare_samples,
+    run_summary,
+)
+
+SHARED = ROOT.parent / "shared" / "data"
+DECODER_PARTS = ["decoder_adapters", "output_upscaling", "hypernetworks", "iou_head", "mask_tokens"]
+HELD_OUT = ("mr_brats2015", "ct_lesion_deeplesion")
+
+
+def training_data() -> tuple[list[LabelledCase], list[LabelledCase]]:
+    """(train, validation) cases; the shared folders are used when present (they are in CI)."""
+    train = load_dataset(ROOT / "sample-data", ROOT / "sample-data" / "reference")
+    val: list[LabelledCase] = []
+    if SHARED.is_dir():
+        sct = SHARED / "mr_spine_sct"
+        train.append(volume_pair(sct / "t2s.nii.gz", sct / "t2s_graymatter_label.nii.gz", {}, "sct_t2s_gm", "sct"))
+        sg = SHARED / "mr_spine_spinegeneric"
+        train.append(volume_pair(sg / "t1w.nii.gz", sg / "t1w_label.nii.gz", {}, "spinegeneric_t1w", "sg"))
+        amos = SHARED / "ct2d_amos_totalseg"
+        train += png_mask_set(amos / "image2label_train.json", "ct2d_amos_totalseg")
+        # validation (checkpoint selection only): held out from training, shippable
+        val.append(volume_pair(sct / "t1.nii.gz", sct / "t1_label.nii.gz", {}, "sct_t1", "sct"))
+        val += png_mask_set(amos / "label2image_test.json", "ct2d_amos_totalseg")
+    else:  # repository only: validate on one sample volume
+        val = [train.pop(next(i for i, c in enumerate(train) if c.case_id == "spine_t2_sct"))]
+    return train, val
+
+
+def as_volumes(cases: list[LabelledCase]) -> list[LabelledVolume]:
+    return [LabelledVolume(c.image, c.label, c.names, f"{c.source}/{c.case_id}") for c in cases]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--epochs", type=int, default=24)
+    parser.add_argument("--steps", type=int, default=120, help="steps per epoch")
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--lr", type=float, default=3e-4)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", type=Path, default=APP / "adapters" / "lite_medsam_clicks.pt")
+    args = parser.parse_args()
+    torch.manual_seed(args.seed)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    profile = replace(load_profile(APP / "configs" / "lite_medsam.toml"), adapter_checkpoint=None)
+    model = AdaptedSam.from_profile(profile).to(device)
+    model.freeze_all_but(DECODER_PARTS)
+    settings = TrainSettings(
+        max_epochs=args.epochs, steps_per_epoch=args.steps, batch_size=args.batch, learning_rate=args.lr,
+        click_rounds=5, mask_only_rounds=1, box_probability=0.35, box_jitter=5, seed=args.seed,
+        patience=6, max_slices_per_volume=30, min_object_pixels=12, max_val_objects=96,
+        train_prompt_free_head=False,
+    )
+    start = time.time()
+    train_cases, val_cases = training_data()
+    train = prepare_samples(model, as_volumes(train_cases), profile.preprocessing, settings, device)
+    val = prepare_samples(model, as_volumes(val_cases), profile.preprocessing, settings, device)
+    prepared = time.time() - start
+    print(f"{len(train)} training slices ({sum(len(s.objects) for s in train)} objects), {len(val)} validation "
+          f"slices; embeddings in {prepared:.0f} s", flush=True)
+    trainer = AdapterTrainer(model, settings, device)
+    result = trainer.fit(train, val, feed_logits_before=False,
+                         progress=lambda e: print(json.dumps({k: round(v, 4) if isinstance(v, float) else v
+                                                              for k, v in e.items()}), flush=True))
+    if result.best_state is None:
+        sys.exit("no epoch beat the base model on validation; nothing written")
+    with torch.no_grad():
+        own = dict(model.named_parameters())
+        for name, tensor in result.best_state.items():
+            own[name].copy_(tensor)
+    record = {
+        "command": "python scripts/train_click_adapter.py " + " ".join(sys.argv[1:]),
+        "train_cases": [f"{c.source}/{c.case_id}" for c in train_cases],
+        "validation_cases": [f"{c.source}/{c.case_id}" for c in val_cases],
+        "held_out_never_used": list(HELD_OUT),
+        "train_slices": len(train),
+        "train_objects": sum(len(s.objects) for s in train),
+        "trained_parts": DECODER_PARTS,
+        "settings": asdict(settings),
+        "validation_before": result.before,
+        "validation_after": result.after,
+        "history": result.history,
+        **run_summary(result, model, device, start, prepared),
+    }
+    metrics = {
+        "trained_with_mask_prompts": True,
+        "prompt_free_head_trained": False,
+        "before": result.before,
+        "after": result.after,
+        "images": record["train_cases"],
+        "validation_images": record["validation_cases"],
+        "settings": record["settings"],
+        "started_from": "base",
+    }
+    AdapterCheckpoint.from_model(model, 0, metrics).save(args.out)
+    record_path = args.out.with_suffix(".json")
+    tmp = record_path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(record, indent=2) + "\n")
+    tmp.replace(record_path)
+    print(json.dumps({k: record[k] for k in ("validation_before", "validation_after", "best_epoch", "wall_seconds")},
+                     indent=2))
+    print(f"wrote {args.out} ({args.out.stat().st_size / 1e6:.1f} MB) and {record_path}")
+
+
+if __name__ == "__main__":
+    main()
