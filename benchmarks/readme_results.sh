@@ -2,7 +2,7 @@
 # The README's results tables: base LiteMedSAM against the shipped click adapter on every labelled set
 # in ../shared/data (held-out sets first), then one table per set in $OUT/<set>/results.md + plots.
 #   benchmarks/readme_results.sh [OUT=benchmarks/results] [MAX_SLICES=5] [METHODS=base,shipped]
-# (METHODS=shipped with results already in OUT appends to them.)
+# (METHODS=shipped with results already in OUT appends to them; ONLY="set1 set2" runs only those sets.)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${1:-benchmarks/results}
@@ -10,7 +10,12 @@ SLICES=${2:-5}
 METHODS=${3:-base,shipped}
 D=../shared/data
 PY=.venv/bin/python
-run() { name=$1; shift; $PY scripts/evaluate.py "$@" --methods "$METHODS" --max-slices "$SLICES" --append --out "$OUT/$name"; }
+ONLY=${ONLY:-}
+run() {
+  name=$1; shift
+  if [[ -n "$ONLY" && " $ONLY " != *" $name "* ]]; then return; fi
+  $PY scripts/evaluate.py "$@" --methods "$METHODS" --max-slices "$SLICES" --append --out "$OUT/$name"
+}
 
 # held out from the click adapter's training
 run brats_flair_heldout $D/mr_brats2015 --image-name flair.nii.gz --label-name label.nii.gz \

@@ -195,7 +195,8 @@ def main() -> None:
     previous = args.out / "results.json"
     if args.append and previous.is_file():
         earlier = json.loads(previous.read_text())
-        if earlier["settings"] != report["settings"] or earlier["dataset_path"] != report["dataset_path"]:
+        same_settings = earlier["settings"] == json.loads(json.dumps(report["settings"]))
+        if not same_settings or earlier["dataset_path"] != report["dataset_path"]:
             sys.exit(f"--append: {previous} was made with another dataset or settings")
         report["methods"] = earlier["methods"]
         report["command"] = earlier["command"] + " && " + report["command"]

@@ -51,6 +51,9 @@ class InferenceSettings:
     # and measured on spleen CT, fed-back logits pull a good box result down from Dice 0.96 to 0.85)
     refine_with_logits: str = "auto"  # auto | always | never
     propagate_with_logits: bool = False
+    # 3D: prompt the neighbouring slices with the shipped adapters (true) or the bare base model (false);
+    # adapters published by training rounds are always used
+    propagate_with_shipped_adapters: bool = True
     propagation_box_margin: int = 3
     propagation_min_area: int = 10
     propagation_min_iou: float = 0.0

@@ -111,6 +111,7 @@ class InteractiveSegmenter:
         self._lock = threading.Lock()
         self.pinned_version: int | None = None  # rollback: serve this published version instead of the newest
         self._warned_missing = False
+        self._bare: LoadedModel | None = None
 
     # -- model versions ---------------------------------------------------------------------------
     def _wanted_source(self) -> tuple:
@@ -191,6 +192,15 @@ class InteractiveSegmenter:
             fingerprint = f"enc-{enc}"
         model.to(self.device).eval()
         return LoadedModel(model, version, f"{self.profile.name}:{fingerprint}", shipped=kind == "shipped")
+
+    def bare_model(self) -> LoadedModel:
+        """The base model without any adapters (built once, sharing the frozen backbone)."""
+        if self._bare is None:
+            self.current()
+            with self._lock:
+                if self._bare is None:
+                    self._bare = self._build(("base", 0, "", 0))
+        return self._bare
 
     def served_adapters(self) -> Path | None:
         """The adapter checkpoint file behind the model served now (None: the bare base model)."""
@@ -278,8 +288,12 @@ class InteractiveSegmenter:
                 # a 3D ROI bounds the propagation; a flat box drawn on one slice only seeds it
                 bounds = (prompts.roi.lo[axis], prompts.roi.hi[axis])
 
+            propagator = predictor
+            if loaded.shipped and not self.profile.inference.propagate_with_shipped_adapters:
+                propagator = self.predictor(self.bare_model())
+
             def predict(j: int, box_rc: tuple[int, int, int, int], logits: Tensor | None) -> SliceResult:
-                return predictor.predict(
+                return propagator.predict(
                     view.slice(volume.array, j), win, view.spacing, box_rc=box_rc, mask_logits=logits
                 )
 

@@ -268,7 +268,7 @@ def per_case(slices: Sequence[SliceRecord], volumes: Sequence[VolumeRecord], che
         rows = [r for r in slices if r.case == case]
         out[case] = {
             "box_dice": _mean([r.box_dice for r in rows]),
-            f"click{checkpoint}_dice": _mean([r.click_dice[checkpoint - 1] for r in rows]),
+            f"click{checkpoint}_dice": _mean([r.click_dice[min(checkpoint, len(r.click_dice)) - 1] for r in rows]),
             "dice_3d": _mean([v.dice for v in volumes if v.case == case]),
         }
     return out
