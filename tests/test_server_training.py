@@ -130,7 +130,10 @@ def test_labels_train_publish_and_hot_reload(train_server):
 
     # hot reload: the next request is answered by the new adapters, and the mask changes
     answer = infer_click(url)
-    assert answer["model_version"] == f"v{published}" and not answer["embedding_cached"]
+    assert answer["model_version"] == f"v{published}"
+    # the round trained decoder-side parts only (the CPU default): the encoder is unchanged, so the
+    # slice's embedding from before the round stays valid and is reused
+    assert answer["embedding_cached"]
     assert not np.array_equal(infer_mask(client), base_mask)
 
     # the prompt-free head was trained on the "spleen" labels: the automatic task now answers
