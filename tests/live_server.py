@@ -22,7 +22,15 @@ def free_port() -> int:
 class Server:
     """``monailabel start_server`` in its own process group on a free loopback port."""
 
-    def __init__(self, studies: Path, app_dir: Path, log: Path, conf: dict[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        studies: Path,
+        app_dir: Path,
+        log: Path,
+        conf: dict[str, str] | None = None,
+        env: dict[str, str] | None = None,
+        ready_status: int = 200,
+    ) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.studies, self.app_dir, self.log = studies, app_dir, log
@@ -39,10 +47,13 @@ class Server:
             "127.0.0.1",
             "--port",
             str(self.port),
+            "--uvicorn_app",
+            "lib.server:app",  # as scripts/serve.sh: MONAI Label's app behind the request guard
         ]
         for key, value in (conf or {}).items():
             cmd += ["--conf", key, value]
-        env = dict(os.environ, PYTHONUNBUFFERED="1")
+        path = os.pathsep.join(p for p in (str(app_dir), os.environ.get("PYTHONPATH", "")) if p)
+        env = dict(os.environ, PYTHONUNBUFFERED="1", PYTHONPATH=path, **(env or {}))
         self._log_fh = open(log, "wb")  # noqa: SIM115 - closed in stop()
         self.proc = subprocess.Popen(
             cmd, stdout=self._log_fh, stderr=subprocess.STDOUT, env=env, start_new_session=True
@@ -52,7 +63,7 @@ class Server:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"server exited early:\n{log.read_text()[-4000:]}")
             try:
-                if requests.get(f"{self.url}/info/", timeout=2).ok:
+                if requests.get(f"{self.url}/info/", timeout=2).status_code == ready_status:
                     return
             except requests.RequestException:
                 pass

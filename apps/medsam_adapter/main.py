@@ -7,6 +7,8 @@ Options (``--conf KEY VALUE``):
   adapter_version      serve this published adapter version instead of the newest (rollback)
   shipped_adapters     true (default) | false: start from the adapters shipped with a profile (the
                        click adapter of lite_medsam) or from the bare base model
+  max_upload_mb        largest accepted upload (image, label, request body) in MiB (default 2048);
+                       bodies above it get HTTP 413 when served through lib.server (scripts/serve.sh)
   auto_train_after     start a training round after this many newly saved labels (0, default: off)
   train_<option>       server-side default of a train option (e.g. train_max_epochs 5), used when a
                        request leaves it out (OHIF's "Update Model" sends nothing)
@@ -21,7 +23,9 @@ from dataclasses import replace
 from pathlib import Path
 
 from fastapi import HTTPException
+from monailabel.config import settings
 from monailabel.interfaces.app import MONAILabelApp
+from monailabel.interfaces.datastore import Datastore
 from monailabel.interfaces.tasks.infer_v2 import InferTask
 from monailabel.tasks.activelearning.first import First
 from monailabel.tasks.activelearning.random import Random
@@ -29,6 +33,7 @@ from monailabel.tasks.activelearning.random import Random
 from lib.activelearning import HeadUncertaintyScoring, UncertaintyStrategy
 from lib.core.config import ModelProfile, ProfileError, load_profiles
 from lib.core.engine import InteractiveSegmenter
+from lib.datastore import GuardedDatastore, max_upload_mb
 from lib.infers.tasks import AutoTask, DeepEditTask, PromptedTask
 from lib.trainers.adapter_train import AdapterTrainTask, write_json_atomic
 
@@ -66,6 +71,7 @@ class MedSamAdapterApp(MONAILabelApp):
             for segmenter in self.segmenters.values():
                 segmenter.pinned_version = int(conf["adapter_version"])
         self.auto_train_after = int(conf.get("auto_train_after", "0") or 0)
+        self.max_upload_mb = max_upload_mb(conf)
         super().__init__(
             app_dir=app_dir,
             studies=studies,
@@ -92,6 +98,18 @@ class MedSamAdapterApp(MONAILabelApp):
                 continue
             selected[name] = available[name]
         return selected
+
+    def init_datastore(self) -> Datastore:
+        """A local folder gets the guarded datastore (checked uploads, atomic writes, label history)."""
+        if self.studies.startswith(("http://", "https://")):
+            return super().init_datastore()
+        return GuardedDatastore(
+            self.studies,
+            max_upload_mb=self.max_upload_mb,
+            extensions=settings.MONAI_LABEL_DATASTORE_FILE_EXT,
+            auto_reload=settings.MONAI_LABEL_DATASTORE_AUTO_RELOAD,
+            read_only=settings.MONAI_LABEL_DATASTORE_READ_ONLY,
+        )
 
     def init_infers(self) -> dict[str, InferTask]:
         infers: dict[str, InferTask] = {}

@@ -88,6 +88,26 @@ def load_volume(path: str | Path) -> Volume:
     return Volume(array, np.asarray(affine, dtype=np.float64))
 
 
+def label_problem(label: Volume, image: Volume, max_value: int = 65535) -> str | None:
+    """Why ``label`` cannot be a label of ``image`` (None when it fits): same voxel grid and
+    geometry (affine within 1e-3 mm / 1e-4 of a direction), whole non-negative values."""
+    if label.shape != image.shape:
+        return f"label shape {label.shape} differs from the image's {image.shape}"
+    scale = np.abs(image.affine[:3, :3]).max()
+    if not np.allclose(label.affine[:3, :3], image.affine[:3, :3], atol=1e-4 * scale) or not np.allclose(
+        label.affine[:3, 3], image.affine[:3, 3], atol=1e-3
+    ):
+        return "label geometry (spacing, direction or origin) differs from the image's"
+    array = label.array
+    if array.dtype.kind not in "biuf":
+        return f"label voxels must be numbers, got dtype {array.dtype}"
+    if array.dtype.kind == "f" and (not np.all(np.isfinite(array)) or not np.array_equal(array, np.round(array))):
+        return "label voxels must be whole numbers (a float label has fractional or non-finite values)"
+    if array.size and (array.min() < 0 or array.max() > max_value):
+        return f"label values must lie in 0..{max_value}, got {array.min()}..{array.max()}"
+    return None
+
+
 def nrrd_affine(header: dict, ndim: int) -> np.ndarray:
     """Voxel-to-RAS affine from an NRRD header (space directions are rows, one per axis)."""
     directions = header.get("space directions")
