@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import shutil
 import tempfile
+import threading
 import time
 
 import nibabel as nib
@@ -169,6 +170,45 @@ def test_uncertainty_strategy_picks_an_unlabelled_image(train_server):
     assert first not in LABELLED
     unknown = requests.post(f"{url}/activelearning/most_fun", json={}, timeout=60)
     assert unknown.status_code == 404 and "unknown strategy" in unknown.json()["detail"]
+
+
+def test_inference_keeps_answering_through_a_round_and_its_publishing(train_server):
+    """An annotator keeps clicking while a round trains and publishes: no request fails, and the
+    answers move from the old adapter version to the new one once, never back."""
+    url = train_server.url
+    wait_for(url, "scoring")
+    before = infer_click(url)["model_version"]
+    answers: list[tuple[int, str]] = []
+    stop = threading.Event()
+
+    def annotator() -> None:
+        while not stop.is_set():
+            try:
+                answers.append((200, infer_click(url)["model_version"]))
+            except Exception as e:  # noqa: BLE001 - every failure is counted
+                answers.append((0, repr(e)))
+
+    clicking = threading.Thread(target=annotator)
+    clicking.start()
+    try:
+        options = {"max_epochs": 1, "max_slices_per_volume": 2, "publish": "always"}
+        assert requests.post(f"{url}/train/medsam", json=options, timeout=60).status_code == 200
+        time.sleep(1)
+        task = wait_for_training(url)
+        assert task["status"] == "DONE", task
+        published = requests.get(f"{url}/info/", timeout=10).json()["train_stats"]["medsam"]["published_version"]
+        deadline = time.time() + 60
+        while time.time() < deadline and (not answers or answers[-1][1] != f"v{published}"):
+            time.sleep(0.5)
+    finally:
+        stop.set()
+        clicking.join()
+    failures = [a for a in answers if a[0] != 200]
+    assert not failures, failures[:3]
+    versions = [v for _, v in answers]
+    assert len(versions) >= 3 and set(versions) <= {before, f"v{published}"}, versions
+    switch = versions.index(f"v{published}")
+    assert all(v == f"v{published}" for v in versions[switch:]), f"answers went back to an older version: {versions}"
 
 
 def test_automatic_round_after_n_saved_labels(tmp_path_factory):

@@ -8,11 +8,13 @@ volumes in the image's own grid. No MONAI Label imports: the infer tasks are thi
 from __future__ import annotations
 
 import copy
+import itertools
 import logging
 import re
 import threading
 import time
 from collections import OrderedDict
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -33,6 +35,7 @@ from .volume import Volume, VolumeCache
 
 logger = logging.getLogger(__name__)
 ADAPTER_FILE = re.compile(r"^adapter_v(\d{4,})\.pt$")
+BASE_SOURCE = ("base", 0, "", 0)
 
 
 def adapter_path(directory: Path, version: int) -> Path:
@@ -44,6 +47,21 @@ def published_versions(directory: Path) -> list[int]:
     if not directory.is_dir():
         return []
     return sorted(int(m.group(1)) for p in directory.iterdir() if (m := ADAPTER_FILE.match(p.name)))
+
+
+def publish_adapters(model: AdaptedSam, directory: Path, metrics: dict) -> int:
+    """Save ``model``'s adaptable tensors as the next version in ``directory`` and return its number.
+
+    The write is atomic (see :meth:`AdapterCheckpoint.save`): a process killed at any moment leaves
+    either the complete new version or none, never a file that :func:`published_versions` lists.
+    Temporary files of earlier writers that were killed are removed first.
+    """
+    directory.mkdir(parents=True, exist_ok=True)
+    for stale in directory.glob(".adapter_v*.pt.*.tmp"):
+        stale.unlink(missing_ok=True)
+    version = max(published_versions(directory), default=0) + 1
+    AdapterCheckpoint.from_model(model, version, metrics).save(adapter_path(directory, version))
+    return version
 
 
 def default_device() -> torch.device:
@@ -106,7 +124,8 @@ class InteractiveSegmenter:
         self.volumes = VolumeCache(profile.inference.volume_cache_mb)
         self.clients = ClientStates()
         self._loaded: LoadedModel | None = None
-        self._source: tuple | None = None  # what _loaded was built from
+        self._source: tuple | None = None  # the best candidate when _loaded was chosen
+        self._loaded_source: tuple | None = None  # what _loaded was built from
         self._base_state: dict[str, Tensor] | None = None
         self._lock = threading.Lock()
         self.pinned_version: int | None = None  # rollback: serve this published version instead of the newest
@@ -114,59 +133,66 @@ class InteractiveSegmenter:
         self._bare: LoadedModel | None = None
 
     # -- model versions ---------------------------------------------------------------------------
-    def _wanted_source(self) -> tuple:
-        """(kind, version, path, mtime) of the adapters that should be served now."""
+    def _candidates(self) -> Iterator[tuple]:
+        """(kind, version, path, mtime) of the adapters that could be served, best first: published
+        versions newest first (only the pinned one when rolled back), the shipped adapters, the base."""
         if self.adapter_dir is not None:
             versions = published_versions(self.adapter_dir)
             if self.pinned_version is not None:
                 versions = [v for v in versions if v == self.pinned_version]
-            if versions:
-                path = adapter_path(self.adapter_dir, versions[-1])
+            for v in reversed(versions):
+                path = adapter_path(self.adapter_dir, v)
                 try:
-                    return ("published", versions[-1], str(path), path.stat().st_mtime_ns)
-                except FileNotFoundError:
-                    pass
+                    mtime = path.stat().st_mtime_ns
+                except FileNotFoundError:  # removed since it was listed
+                    continue
+                yield ("published", v, str(path), mtime)
         shipped = self.profile.adapter_checkpoint
         if shipped is not None:
             if shipped.is_file():
-                return ("shipped", 0, str(shipped), shipped.stat().st_mtime_ns)
-            if not self._warned_missing:
-                logger.warning("profile %s: shipped adapters %s not found; serving the base model", self.profile.name,
-                               shipped)
+                yield ("shipped", 0, str(shipped), shipped.stat().st_mtime_ns)
+            elif not self._warned_missing:
+                logger.warning(
+                    "profile %s: shipped adapters %s not found; serving the base model", self.profile.name, shipped
+                )
                 self._warned_missing = True
-        return ("base", 0, "", 0)
+        yield BASE_SOURCE
 
     def current(self) -> LoadedModel:
-        """The model version to use for a request (reloads when new adapters were published)."""
-        wanted = self._wanted_source()
+        """The model version to use for a request (reloads when new adapters were published).
+
+        A file that cannot be used (not written by the trainer, for another base model) is logged and
+        skipped: the newest usable version serves, and the check is repeated only when files change.
+        """
+        candidates = self._candidates()
+        best = next(candidates)
         loaded = self._loaded
-        if loaded is not None and wanted == self._source:
+        if loaded is not None and best == self._source:
             return loaded
         with self._lock:
-            if self._loaded is not None and wanted == self._source:
+            if self._loaded is not None and best == self._source:
                 return self._loaded
-            try:
-                built = self._build(wanted)
-            except CheckpointError as e:
-                # keep serving the last good version (or the base model); retry when the files change
-                logger.error(
-                    "profile %s: cannot use %s (%s); serving the previous model", self.profile.name, wanted[2], e
+            for source in itertools.chain([best], candidates):
+                if self._loaded is not None and source == self._loaded_source:
+                    built = self._loaded
+                    break
+                try:
+                    built = self._build(source)
+                    break
+                except CheckpointError as e:
+                    logger.error("profile %s: cannot use %s (%s); skipping it", self.profile.name, source[2], e)
+            changed = built is not self._loaded
+            self._loaded, self._loaded_source, self._source = built, source, best
+            if changed:
+                dropped = self.embeddings.retain_only(built.encoder_fingerprint)
+                logger.info(
+                    "profile %s now serves %s (%s); %d cached embeddings of other encoders dropped",
+                    self.profile.name,
+                    built.name,
+                    source[0],
+                    dropped,
                 )
-                if self._loaded is None:
-                    self._loaded = self._build(("base", 0, "", 0))
-                self._source = wanted
-                return self._loaded
-            self._loaded = built
-            self._source = wanted
-            dropped = self.embeddings.retain_only(self._loaded.encoder_fingerprint)
-            logger.info(
-                "profile %s now serves %s (%s); %d cached embeddings of other encoders dropped",
-                self.profile.name,
-                self._loaded.name,
-                wanted[0],
-                dropped,
-            )
-            return self._loaded
+            return built
 
     def _build(self, source: tuple) -> LoadedModel:
         kind, version, path, _ = source
@@ -199,13 +225,14 @@ class InteractiveSegmenter:
             self.current()
             with self._lock:
                 if self._bare is None:
-                    self._bare = self._build(("base", 0, "", 0))
+                    self._bare = self._build(BASE_SOURCE)
         return self._bare
 
     def served_adapters(self) -> Path | None:
         """The adapter checkpoint file behind the model served now (None: the bare base model)."""
         self.current()
-        return Path(self._source[2]) if self._source and self._source[2] else None
+        source = self._loaded_source
+        return Path(source[2]) if source and source[2] else None
 
     # -- helpers ----------------------------------------------------------------------------------
     def predictor(self, loaded: LoadedModel) -> SlicePredictor:

@@ -20,10 +20,9 @@ import torch
 from monailabel.interfaces.datastore import Datastore, DefaultLabelTag
 from monailabel.interfaces.tasks.train import TrainTask
 
-from lib.core.checkpoint import AdapterCheckpoint
 from lib.core.config import TRAINABLE_PARTS
 from lib.core.distributed import DistributedJob, train_distributed
-from lib.core.engine import InteractiveSegmenter, adapter_path, published_versions
+from lib.core.engine import InteractiveSegmenter, publish_adapters
 from lib.core.training import (
     AdapterTrainer,
     LabelledVolume,
@@ -258,7 +257,6 @@ class AdapterTrainTask(TrainTask):
             for name, tensor in state.items():
                 own[name].copy_(tensor)
         directory = self.segmenter.adapter_dir
-        version = max(published_versions(directory), default=0) + 1
         head_trained = settings.train_prompt_free_head and head_known
         metrics = {
             "before": result.before,
@@ -270,7 +268,7 @@ class AdapterTrainTask(TrainTask):
             "settings": asdict(settings),
             "started_from": served.name,
         }
-        AdapterCheckpoint.from_model(model, version, metrics).save(adapter_path(directory, version))
+        version = publish_adapters(model, directory, metrics)
         out["published_version"] = version
         notes.append(f"published adapters v{version}")
         return out
