@@ -1,0 +1,191 @@
+"""A PACS in the loop: Orthanc with DICOMweb, the real server on it, results in the series' geometry,
+final labels stored back as DICOM-SEG that decode to the submitted mask.
+
+Orthanc comes from Debian (``apt-get install orthanc orthanc-dicomweb``, done by ``.ci/run``); the
+DICOM series and SEG files are the shipped ones in ``sample-data/dicom``.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import pydicom
+import pytest
+import requests
+import SimpleITK as sitk
+from live_server import ORTHANC, Orthanc
+
+from conftest import APP, SAMPLE, Server
+
+DICOM = SAMPLE / "dicom"
+LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
+
+pytestmark = pytest.mark.skipif(
+    not ORTHANC.is_file(), reason="Orthanc not installed (apt-get install -y orthanc orthanc-dicomweb; .ci/run does)"
+)
+
+
+def series_uid(folder: Path) -> str:
+    return str(pydicom.dcmread(next(folder.glob("*.dcm")), stop_before_pixels=True).SeriesInstanceUID)
+
+
+def series_geometry(folder: Path) -> tuple[tuple[int, int, int], np.ndarray]:
+    """(columns, rows, slices) and the voxel-to-RAS affine of a DICOM series, from its headers:
+    i along a row (increasing column), j down the rows, k along the normal in position order."""
+    headers = [pydicom.dcmread(p, stop_before_pixels=True) for p in folder.glob("*.dcm")]
+    iop = np.asarray(headers[0].ImageOrientationPatient, dtype=float)
+    row_dir, col_dir = iop[:3], iop[3:]
+    normal = np.cross(row_dir, col_dir)
+    headers.sort(key=lambda h: float(np.dot(normal, np.asarray(h.ImagePositionPatient, dtype=float))))
+    positions = np.array([np.asarray(h.ImagePositionPatient, dtype=float) for h in headers])
+    step = positions[1] - positions[0] if len(positions) > 1 else normal * float(headers[0].SliceThickness)
+    dr, dc = (float(v) for v in headers[0].PixelSpacing)  # between rows, between columns
+    lps = np.eye(4)
+    lps[:3, 0], lps[:3, 1], lps[:3, 2], lps[:3, 3] = row_dir * dc, col_dir * dr, step, positions[0]
+    return (int(headers[0].Columns), int(headers[0].Rows), len(headers)), LPS_TO_RAS @ lps
+
+
+def seg_in_grid(seg_file: Path, shape: tuple[int, int, int], affine: np.ndarray) -> tuple[np.ndarray, dict[int, str]]:
+    """A DICOM-SEG decoded (pydicom-seg) and placed voxel by voxel into a grid (nearest neighbour in
+    physical space), with its segment names."""
+    import pydicom_seg
+
+    dcm = pydicom.dcmread(seg_file)
+    result = pydicom_seg.MultiClassReader().read(dcm)
+    image: sitk.Image = result.image
+    names = {int(s.SegmentNumber): str(s.SegmentLabel) for s in dcm.SegmentSequence}
+    array = sitk.GetArrayFromImage(image).transpose(2, 1, 0)  # -> [i, j, k]
+    seg_lps = np.eye(4)
+    seg_lps[:3, :3] = np.asarray(image.GetDirection()).reshape(3, 3) * np.asarray(image.GetSpacing())
+    seg_lps[:3, 3] = image.GetOrigin()
+    grid = np.stack(np.meshgrid(*[np.arange(n) for n in shape], indexing="ij"), -1).reshape(-1, 3)
+    to_seg = np.linalg.inv(LPS_TO_RAS @ seg_lps) @ affine
+    ijk = np.rint(grid @ to_seg[:3, :3].T + to_seg[:3, 3]).astype(int)
+    inside = np.all((ijk >= 0) & (ijk < array.shape), axis=1)
+    out = np.zeros(len(grid), dtype=array.dtype)
+    out[inside] = array[tuple(ijk[inside].T)]
+    return out.reshape(shape), names
+
+
+def read_nrrd(content: bytes) -> tuple[np.ndarray, np.ndarray]:
+    from lib.core.volume import load_volume
+
+    with tempfile.NamedTemporaryFile(suffix=".nrrd") as fh:
+        fh.write(content)
+        fh.flush()
+        volume = load_volume(fh.name)
+    return volume.array, volume.affine
+
+
+@pytest.fixture(scope="module")
+def pacs(tmp_path_factory):
+    base = tmp_path_factory.mktemp("pacs")
+    orthanc = Orthanc(base)
+    try:
+        orthanc.upload(DICOM)
+        app_dir = base / "app"
+        shutil.copytree(APP, app_dir, ignore=shutil.ignore_patterns("model", "__pycache__", "logs"))
+        server = Server(orthanc.dicomweb, app_dir, base / "server.log")
+        yield orthanc, server
+        server.stop()
+    finally:
+        orthanc.stop()
+
+
+def test_infer_on_a_series_answers_in_the_series_geometry(pacs):
+    orthanc, server = pacs
+    folder = DICOM / "ct_spleen_converted"
+    uid = series_uid(folder)
+    listed = requests.get(f"{server.url}/datastore/", params={"output": "all"}, timeout=60)
+    assert listed.status_code == 200
+    shape, affine = series_geometry(folder)
+    manual, names = seg_in_grid(next((DICOM / "ct_spleen_converted_seg").glob("*.dcm")), shape, affine)
+    assert [n.lower() for n in names.values()] == ["spleen"]
+    k = int(np.argmax(manual.sum(axis=(0, 1))))
+    i, j = (int(v) for v in np.argwhere(manual[:, :, k] > 0).mean(axis=0).round())
+    # OHIF's request: raw NRRD copied straight into its labelmap
+    params = {
+        "foreground": [[i, j, k]],
+        "result_extension": ".nrrd",
+        "result_compress": False,
+        "restore_label_idx": False,
+        "client_id": "ohif",
+    }
+    for task in ("medsam_2d", "medsam_3d"):
+        r = requests.post(
+            f"{server.url}/infer/{task}",
+            params={"image": uid, "output": "image"},
+            files={"params": (None, json.dumps(params))},
+            timeout=600,
+        )
+        assert r.status_code == 200, r.text
+        assert b"encoding: raw" in r.content[:1000]
+        mask, mask_affine = read_nrrd(r.content)
+        assert mask.shape == shape, f"{task}: result grid {mask.shape} is not the series' {shape}"
+        np.testing.assert_allclose(mask_affine, affine, atol=1e-3)
+        on_slice = (mask[:, :, k] > 0) & (manual[:, :, k] > 0)
+        assert on_slice.sum() > 0.5 * (mask[:, :, k] > 0).sum(), f"{task}: the mask is not on the spleen"
+        if task == "medsam_2d":
+            assert not np.delete(mask, k, axis=2).any(), "2D result outside the prompted slice"
+        else:
+            assert (mask.sum(axis=(0, 1)) > 0).sum() > 5, "3D result did not propagate"
+    assert (
+        requests.post(
+            f"{server.url}/infer/medsam_2d", params={"image": "1.2.3.4"}, files={"params": (None, "{}")}, timeout=60
+        ).status_code
+        == 404
+    )
+
+
+def test_final_label_is_stored_as_seg_that_decodes_to_the_mask(pacs):
+    orthanc, server = pacs
+    folder = DICOM / "ct_spleen_converted"
+    uid = series_uid(folder)
+    shape, affine = series_geometry(folder)
+    manual, _ = seg_in_grid(next((DICOM / "ct_spleen_converted_seg").glob("*.dcm")), shape, affine)
+    # an annotator's corrected label: the manual spleen, minus its first labelled slice
+    label = (manual > 0).astype(np.uint8)
+    label[:, :, int(np.nonzero(label.any(axis=(0, 1)))[0][0])] = 0
+    from lib.core.volume import write_label
+
+    path = Path(tempfile.mkdtemp()) / "label.nrrd"
+    write_label(label, affine, path)
+    before = {s["0020000E"]["Value"][0] for s in orthanc.series("SEG")}
+    r = requests.put(
+        f"{server.url}/datastore/label",
+        params={"image": uid},
+        files={
+            "label": ("label.nrrd", path.read_bytes()),
+            "params": (None, json.dumps({"label_info": [{"name": "spleen", "idx": 1}]})),
+        },
+        timeout=300,
+    )
+    assert r.status_code == 200, r.text
+    new = [s for s in orthanc.series("SEG") if s["0020000E"]["Value"][0] not in before]
+    assert len(new) == 1, "no new SEG series in Orthanc"
+    seg_uid = new[0]["0020000E"]["Value"][0]
+    found = requests.post(f"{orthanc.url}/tools/lookup", data=seg_uid, timeout=30).json()
+    instances = requests.get(f"{orthanc.url}/series/{found[0]['ID']}/instances", timeout=30).json()
+    seg_file = Path(tempfile.mkdtemp()) / "seg.dcm"
+    seg_file.write_bytes(requests.get(f"{orthanc.url}/instances/{instances[0]['ID']}/file", timeout=30).content)
+    dcm = pydicom.dcmread(seg_file)
+    assert dcm.Modality == "SEG"
+    assert str(dcm.ReferencedSeriesSequence[0].SeriesInstanceUID) == uid, "the SEG must reference the source series"
+    decoded, names = seg_in_grid(seg_file, shape, affine)
+    assert list(names.values()) == ["spleen"]
+    assert np.array_equal(decoded > 0, label > 0), "the stored SEG does not decode to the submitted mask"
+
+
+def test_seg_series_in_the_pacs_count_as_labels(pacs):
+    orthanc, server = pacs
+    r = requests.get(f"{server.url}/datastore/", params={"output": "train"}, timeout=600)
+    assert r.status_code == 200, r.text
+    pairs = r.json()
+    labelled = {Path(p["image"]).name.split(".nii")[0] for p in pairs}
+    assert series_uid(DICOM / "ct_spleen_converted") in labelled
+    assert series_uid(DICOM / "ct_dcmqi_3slice") in labelled, "the manual liver SEG (dcmqi) is a label too"
+    assert all(Path(p["label"]).is_file() for p in pairs)
