@@ -16,7 +16,6 @@ import numpy as np
 import pydicom
 import pytest
 import requests
-import SimpleITK as sitk
 from live_server import ORTHANC, Orthanc
 
 from conftest import APP, SAMPLE, Server
@@ -50,25 +49,12 @@ def series_geometry(folder: Path) -> tuple[tuple[int, int, int], np.ndarray]:
 
 
 def seg_in_grid(seg_file: Path, shape: tuple[int, int, int], affine: np.ndarray) -> tuple[np.ndarray, dict[int, str]]:
-    """A DICOM-SEG decoded (pydicom-seg) and placed voxel by voxel into a grid (nearest neighbour in
-    physical space), with its segment names."""
-    import pydicom_seg
+    """A DICOM-SEG decoded and placed voxel by voxel into a grid, with its segment names."""
+    from lib.core.dicom_seg import read_seg
+    from lib.core.volume import Volume, label_in_grid
 
-    dcm = pydicom.dcmread(seg_file)
-    result = pydicom_seg.MultiClassReader().read(dcm)
-    image: sitk.Image = result.image
-    names = {int(s.SegmentNumber): str(s.SegmentLabel) for s in dcm.SegmentSequence}
-    array = sitk.GetArrayFromImage(image).transpose(2, 1, 0)  # -> [i, j, k]
-    seg_lps = np.eye(4)
-    seg_lps[:3, :3] = np.asarray(image.GetDirection()).reshape(3, 3) * np.asarray(image.GetSpacing())
-    seg_lps[:3, 3] = image.GetOrigin()
-    grid = np.stack(np.meshgrid(*[np.arange(n) for n in shape], indexing="ij"), -1).reshape(-1, 3)
-    to_seg = np.linalg.inv(LPS_TO_RAS @ seg_lps) @ affine
-    ijk = np.rint(grid @ to_seg[:3, :3].T + to_seg[:3, 3]).astype(int)
-    inside = np.all((ijk >= 0) & (ijk < array.shape), axis=1)
-    out = np.zeros(len(grid), dtype=array.dtype)
-    out[inside] = array[tuple(ijk[inside].T)]
-    return out.reshape(shape), names
+    label, names = read_seg(seg_file)
+    return label_in_grid(label, Volume(np.zeros(shape, np.uint8), affine)).array, names
 
 
 def read_nrrd(content: bytes) -> tuple[np.ndarray, np.ndarray]:
@@ -104,7 +90,7 @@ def test_infer_on_a_series_answers_in_the_series_geometry(pacs):
     assert listed.status_code == 200
     shape, affine = series_geometry(folder)
     manual, names = seg_in_grid(next((DICOM / "ct_spleen_converted_seg").glob("*.dcm")), shape, affine)
-    assert [n.lower() for n in names.values()] == ["spleen"]
+    assert list(names.values()) == ["spleen"]
     k = int(np.argmax(manual.sum(axis=(0, 1))))
     i, j = (int(v) for v in np.argwhere(manual[:, :, k] > 0).mean(axis=0).round())
     # OHIF's request: raw NRRD copied straight into its labelmap
@@ -189,3 +175,19 @@ def test_seg_series_in_the_pacs_count_as_labels(pacs):
     assert series_uid(DICOM / "ct_spleen_converted") in labelled
     assert series_uid(DICOM / "ct_dcmqi_3slice") in labelled, "the manual liver SEG (dcmqi) is a label too"
     assert all(Path(p["label"]).is_file() for p in pairs)
+
+
+def test_a_training_round_learns_from_the_segs_in_the_pacs(pacs):
+    """The manual liver SEG (dcmqi) and the newest spleen SEG (saved above) are the training labels."""
+    from test_server_training import wait_for_training
+
+    orthanc, server = pacs
+    options = {"max_epochs": 1, "max_slices_per_volume": 2, "publish": "always"}
+    r = requests.post(f"{server.url}/train/medsam", json=options, timeout=60)
+    assert r.status_code == 200, r.text
+    task = wait_for_training(server.url)
+    assert task["status"] == "DONE", task
+    stats = requests.get(f"{server.url}/info/", timeout=60).json()["train_stats"]["medsam"]
+    listed = next(n for n in stats["notes"] if "DICOM-SEG" in n)
+    assert series_uid(DICOM / "ct_spleen_converted") in listed and series_uid(DICOM / "ct_dcmqi_3slice") in listed
+    assert stats["published_version"] == 1, stats["notes"]

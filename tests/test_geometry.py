@@ -153,3 +153,26 @@ def test_png_slices_load_as_one_slice_volumes_shown_as_the_picture():
     np.testing.assert_array_equal(view.slice(volume.array, 0), picture)
     # a click at picture row r, column c is voxel [c, r, 0]
     assert view.voxel_to_display(np.array([[7, 3, 0]]), volume.shape).tolist() == [[3, 7]]
+
+
+def test_a_label_on_part_of_the_grid_is_placed_by_physical_position():
+    from lib.core.volume import Volume, label_in_grid
+
+    affine = np.array([[-0.8, 0, 0, 10.0], [0, 0.8, 0, -20.0], [0, 0, 5.0, 30.0], [0, 0, 0, 1]])
+    grid = Volume(np.zeros((6, 5, 8), np.int16), affine)
+    part = np.zeros((6, 5, 3), np.uint8)
+    part[2, 3, 1] = 7
+    shifted = affine.copy()
+    shifted[:3, 3] += affine[:3, 2] * 4  # the label's first slice is slice 4 of the grid
+    placed = label_in_grid(Volume(part, shifted), grid).array
+    assert placed.shape == grid.shape and placed[2, 3, 5] == 7 and placed.sum() == 7
+
+
+def test_a_shipped_dicom_seg_reads_with_its_segment_names():
+    from lib.core.dicom_seg import read_seg
+
+    label, names = read_seg(SAMPLE / "dicom" / "ct_dcmqi_seg" / "liver.dcm")
+    assert names == {1: "liver"}
+    assert label.array.max() == 1 and label.array.any()
+    with pytest.raises(VolumeError, match="not a DICOM-SEG"):
+        read_seg(next((SAMPLE / "dicom" / "ct_dcmqi_3slice").glob("*.dcm")))

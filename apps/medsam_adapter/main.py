@@ -99,9 +99,13 @@ class MedSamAdapterApp(MONAILabelApp):
             selected[name] = available[name]
         return selected
 
+    def dicomweb_url(self) -> str | None:
+        """The PACS serving the images (``--studies http(s)://...``), None for a local folder."""
+        return self.studies if self.studies.startswith(("http://", "https://")) else None
+
     def init_datastore(self) -> Datastore:
         """A local folder gets the guarded datastore (checked uploads, atomic writes, label history)."""
-        if self.studies.startswith(("http://", "https://")):
+        if self.dicomweb_url():
             return super().init_datastore()
         return GuardedDatastore(
             self.studies,
@@ -128,7 +132,9 @@ class MedSamAdapterApp(MONAILabelApp):
     def init_trainers(self) -> dict:
         defaults = {k[len("train_") :]: v for k, v in self.conf.items() if k.startswith("train_")}
         return {
-            self.task_prefix(n, name): AdapterTrainTask(segmenter, Path(self.app_dir) / "model" / name, defaults)
+            self.task_prefix(n, name): AdapterTrainTask(
+                segmenter, Path(self.app_dir) / "model" / name, defaults, dicomweb_url=self.dicomweb_url()
+            )
             for n, (name, segmenter) in enumerate(self.segmenters.items())
         }
 

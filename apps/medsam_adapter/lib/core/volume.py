@@ -108,6 +108,23 @@ def label_problem(label: Volume, image: Volume, max_value: int = 65535) -> str |
     return None
 
 
+def label_in_grid(label: Volume, grid: Volume) -> Volume:
+    """``label`` placed into ``grid``'s voxels by nearest neighbour in physical space (0 outside it):
+    for labels stored on a part of the image's grid, such as a DICOM-SEG that holds only the
+    labelled slices."""
+    if label.shape == grid.shape and np.allclose(label.affine, grid.affine, atol=1e-3):
+        return Volume(label.array, grid.affine)
+    to_label = np.linalg.inv(label.affine) @ grid.affine
+    out = np.zeros(grid.shape, dtype=label.array.dtype)
+    i, j = np.meshgrid(np.arange(grid.shape[0]), np.arange(grid.shape[1]), indexing="ij")
+    for k in range(grid.shape[2]):  # slice by slice: bounded memory on large volumes
+        ijk = np.stack([i, j, np.full_like(i, k)], -1) @ to_label[:3, :3].T + to_label[:3, 3]
+        ijk = np.rint(ijk).astype(np.int64)
+        inside = np.all((ijk >= 0) & (ijk < np.array(label.shape)), axis=-1)
+        out[:, :, k][inside] = label.array[tuple(ijk[inside].T)]
+    return Volume(out, grid.affine)
+
+
 def nrrd_affine(header: dict, ndim: int) -> np.ndarray:
     """Voxel-to-RAS affine from an NRRD header (space directions are rows, one per axis)."""
     directions = header.get("space directions")

@@ -16,11 +16,15 @@ from dataclasses import asdict, fields
 from pathlib import Path
 from typing import Any
 
+import requests
 import torch
+from dicomweb_client.api import DICOMwebClient
+from monailabel.config import settings as server_settings
 from monailabel.interfaces.datastore import Datastore, DefaultLabelTag
 from monailabel.interfaces.tasks.train import TrainTask
 
 from lib.core.config import TRAINABLE_PARTS
+from lib.core.dicom_seg import read_seg
 from lib.core.distributed import DistributedJob, train_distributed
 from lib.core.engine import InteractiveSegmenter, publish_adapters
 from lib.core.training import (
@@ -32,6 +36,8 @@ from lib.core.training import (
     prepare_samples,
     split_volumes,
 )
+from lib.core.volume import VolumeError, label_in_grid, load_volume
+from lib.pacs import seg_labels
 
 logger = logging.getLogger(__name__)
 
@@ -63,10 +69,17 @@ def write_json_atomic(path: Path, data: dict) -> None:
 class AdapterTrainTask(TrainTask):
     """Fine-tunes only adapters and heads of one profile from ``labels/final``."""
 
-    def __init__(self, segmenter: InteractiveSegmenter, output_dir: Path, defaults: dict | None = None) -> None:
+    def __init__(
+        self,
+        segmenter: InteractiveSegmenter,
+        output_dir: Path,
+        defaults: dict | None = None,
+        dicomweb_url: str | None = None,
+    ) -> None:
         super().__init__(f"Fine-tune the adapters and heads of '{segmenter.profile.name}' on submitted labels")
         self.defaults = dict(defaults or {})  # server-side defaults for options a request leaves out
         self.segmenter = segmenter
+        self.dicomweb_url = dicomweb_url  # labels are the DICOM-SEGs of this PACS
         self.output_dir = output_dir
         self.stats_path = output_dir / "train_stats.json"
 
@@ -149,7 +162,32 @@ class AdapterTrainTask(TrainTask):
             write_json_atomic(self.stats_path, stats)
         return stats
 
+    def _pacs_volumes(self, datastore: Datastore, notes: list[str]) -> list[LabelledVolume]:
+        """The newest DICOM-SEG of every listed series, placed into the series' grid, names from the SEG."""
+        session = None
+        user, password = server_settings.MONAI_LABEL_DICOMWEB_USERNAME, server_settings.MONAI_LABEL_DICOMWEB_PASSWORD
+        if user and password:
+            session = requests.Session()
+            session.auth = (user, password)
+        client = DICOMwebClient(url=self.dicomweb_url, session=session)
+        volumes = []
+        for seg in seg_labels(client, datastore.list_images(), self.output_dir / "pacs_labels"):
+            try:
+                image = load_volume(datastore.get_image_uri(seg.image_id))
+                label, names = read_seg(seg.path)
+            except VolumeError as e:
+                notes.append(f"skipped SEG {seg.seg_uid}: {e}")
+                continue
+            volumes.append(LabelledVolume(image, label_in_grid(label, image), names, seg.image_id))
+        return volumes
+
     def _volumes(self, datastore: Datastore, notes: list[str]) -> list[LabelledVolume]:
+        if self.dicomweb_url:
+            volumes = self._pacs_volumes(datastore, notes)
+            if not volumes:
+                raise TrainingDataError("no DICOM-SEG in the PACS references a listed series: save a label first")
+            notes.append(f"{len(volumes)} labelled series (DICOM-SEG): {[v.image_id for v in volumes]}")
+            return volumes
         volumes = []
         for image_id in datastore.get_labeled_images(DefaultLabelTag.FINAL.value):
             label_uri = datastore.get_label_uri(image_id, DefaultLabelTag.FINAL.value)
