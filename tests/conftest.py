@@ -7,12 +7,16 @@ import shutil
 import sys
 from pathlib import Path
 
+import numpy as np
+import pydicom
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 APP = ROOT / "apps" / "medsam_adapter"
 SAMPLE = ROOT / "sample-data"
 SHARED = ROOT.parent / "shared" / "data"
+DICOM = SAMPLE / "dicom"
+LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
 sys.path.insert(0, str(APP))
 
 from live_server import Server  # noqa: E402
@@ -36,6 +40,26 @@ def lite_model():
 
     torch.set_num_threads(max(1, os.cpu_count() or 1))
     return AdaptedSam(build_backbone("lite_medsam"), AdapterSettings(), labels=("spleen",))
+
+
+def series_uid(folder: Path) -> str:
+    return str(pydicom.dcmread(next(folder.glob("*.dcm")), stop_before_pixels=True).SeriesInstanceUID)
+
+
+def series_geometry(folder: Path) -> tuple[tuple[int, int, int], np.ndarray]:
+    """(columns, rows, slices) and the voxel-to-RAS affine of a DICOM series, from its headers:
+    i along a row (increasing column), j down the rows, k along the normal in position order."""
+    headers = [pydicom.dcmread(p, stop_before_pixels=True) for p in folder.glob("*.dcm")]
+    iop = np.asarray(headers[0].ImageOrientationPatient, dtype=float)
+    row_dir, col_dir = iop[:3], iop[3:]
+    normal = np.cross(row_dir, col_dir)
+    headers.sort(key=lambda h: float(np.dot(normal, np.asarray(h.ImagePositionPatient, dtype=float))))
+    positions = np.array([np.asarray(h.ImagePositionPatient, dtype=float) for h in headers])
+    step = positions[1] - positions[0] if len(positions) > 1 else normal * float(headers[0].SliceThickness)
+    dr, dc = (float(v) for v in headers[0].PixelSpacing)  # between rows, between columns
+    lps = np.eye(4)
+    lps[:3, 0], lps[:3, 1], lps[:3, 2], lps[:3, 3] = row_dir * dc, col_dir * dr, step, positions[0]
+    return (int(headers[0].Columns), int(headers[0].Rows), len(headers)), LPS_TO_RAS @ lps
 
 
 def studies_copy(dest: Path) -> Path:

@@ -18,34 +18,11 @@ import pytest
 import requests
 from live_server import ORTHANC, Orthanc
 
-from conftest import APP, SAMPLE, Server
-
-DICOM = SAMPLE / "dicom"
-LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
+from conftest import APP, DICOM, Server, series_geometry, series_uid
 
 pytestmark = pytest.mark.skipif(
     not ORTHANC.is_file(), reason="Orthanc not installed (apt-get install -y orthanc orthanc-dicomweb; .ci/run does)"
 )
-
-
-def series_uid(folder: Path) -> str:
-    return str(pydicom.dcmread(next(folder.glob("*.dcm")), stop_before_pixels=True).SeriesInstanceUID)
-
-
-def series_geometry(folder: Path) -> tuple[tuple[int, int, int], np.ndarray]:
-    """(columns, rows, slices) and the voxel-to-RAS affine of a DICOM series, from its headers:
-    i along a row (increasing column), j down the rows, k along the normal in position order."""
-    headers = [pydicom.dcmread(p, stop_before_pixels=True) for p in folder.glob("*.dcm")]
-    iop = np.asarray(headers[0].ImageOrientationPatient, dtype=float)
-    row_dir, col_dir = iop[:3], iop[3:]
-    normal = np.cross(row_dir, col_dir)
-    headers.sort(key=lambda h: float(np.dot(normal, np.asarray(h.ImagePositionPatient, dtype=float))))
-    positions = np.array([np.asarray(h.ImagePositionPatient, dtype=float) for h in headers])
-    step = positions[1] - positions[0] if len(positions) > 1 else normal * float(headers[0].SliceThickness)
-    dr, dc = (float(v) for v in headers[0].PixelSpacing)  # between rows, between columns
-    lps = np.eye(4)
-    lps[:3, 0], lps[:3, 1], lps[:3, 2], lps[:3, 3] = row_dir * dc, col_dir * dr, step, positions[0]
-    return (int(headers[0].Columns), int(headers[0].Rows), len(headers)), LPS_TO_RAS @ lps
 
 
 def seg_in_grid(seg_file: Path, shape: tuple[int, int, int], affine: np.ndarray) -> tuple[np.ndarray, dict[int, str]]:
