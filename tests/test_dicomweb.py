@@ -78,11 +78,13 @@ def test_infer_on_a_series_answers_in_the_series_geometry(pacs):
         "restore_label_idx": False,
         "client_id": "ohif",
     }
-    for task in ("medsam_2d", "medsam_3d"):
+    deepedit = {**params, "spleen": [[i, j, k]], "background": [], "label": "spleen"}
+    for task in ("medsam_2d", "medsam_3d", "medsam_deepedit"):
+        body = deepedit if task == "medsam_deepedit" else params
         r = requests.post(
             f"{server.url}/infer/{task}",
             params={"image": uid, "output": "image"},
-            files={"params": (None, json.dumps(params))},
+            files={"params": (None, json.dumps(body))},
             timeout=600,
         )
         assert r.status_code == 200, r.text
@@ -168,3 +170,30 @@ def test_a_training_round_learns_from_the_segs_in_the_pacs(pacs):
     listed = next(n for n in stats["notes"] if "DICOM-SEG" in n)
     assert series_uid(DICOM / "ct_spleen_converted") in listed and series_uid(DICOM / "ct_dcmqi_3slice") in listed
     assert stats["published_version"] == 1, stats["notes"]
+
+    # the round trained the prompt-free head on the SEGs' names: the automatic task answers on a series
+    uid = series_uid(DICOM / "ct_dcmqi_3slice")
+    r = requests.post(
+        f"{server.url}/infer/medsam_auto",
+        params={"image": uid, "output": "image"},
+        files={"params": (None, json.dumps({"result_extension": ".nrrd", "result_compress": False}))},
+        timeout=600,
+    )
+    assert r.status_code == 200, r.text
+    label, label_affine = read_nrrd(r.content)
+    shape, affine = series_geometry(DICOM / "ct_dcmqi_3slice")
+    assert label.shape == shape
+    np.testing.assert_allclose(label_affine, affine, atol=1e-3)
+
+
+def test_a_pacs_seg_with_several_segments_reads_into_its_series(tmp_path):
+    """TotalSegmentator's SEG of a 512x512 CT series (model output, four organs): names and placement."""
+    from conftest import shared
+
+    series = shared("dicom", "ct_totalseg_series")
+    seg = next(shared("dicom", "ct_totalseg_seg").glob("*.dcm"))
+    shape, affine = series_geometry(series)
+    label, names = seg_in_grid(seg, shape, affine)
+    assert sorted(names.values()) == ["aorta", "liver", "spleen", "stomach"]
+    present = {names[v] for v in np.unique(label) if v}
+    assert present == set(names.values()), f"segments missing after placement: {set(names.values()) - present}"
