@@ -11,7 +11,6 @@ from __future__ import annotations
 import os
 import re
 import shutil
-import tempfile
 import threading
 import time
 from pathlib import Path
@@ -21,6 +20,7 @@ from fastapi import HTTPException
 from filelock import FileLock
 from monailabel.datastore.local import DataModel, ImageLabelModel, LocalDatastore
 
+from lib.core.atomic import atomic_write
 from lib.core.volume import VolumeError, label_problem, load_volume
 
 SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,199}$")
@@ -53,22 +53,8 @@ def check_name(value: str, what: str) -> str:
 
 def fsync_copy(source: str | Path, destination: Path) -> None:
     """Copy ``source`` over ``destination`` atomically (a partial file is never visible)."""
-    fd, tmp = tempfile.mkstemp(dir=destination.parent, prefix=f".{destination.name}.", suffix=".partial")
-    try:
-        os.fchmod(fd, FILE_MODE)
-        with os.fdopen(fd, "wb") as out, open(source, "rb") as src:
-            shutil.copyfileobj(src, out, 1 << 20)
-            out.flush()
-            os.fsync(out.fileno())
-        os.replace(tmp, destination)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    dir_fd = os.open(destination.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
+    with atomic_write(destination, suffix=".partial", file_mode=FILE_MODE) as out, open(source, "rb") as src:
+        shutil.copyfileobj(src, out, 1 << 20)
 
 
 class GuardedDatastore(LocalDatastore):
@@ -184,17 +170,8 @@ class GuardedDatastore(LocalDatastore):
         def write() -> None:
             self._ignore_event_config = True
             path = Path(self._datastore_config_path)
-            fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".partial")
-            try:
-                os.fchmod(fd, FILE_MODE)
-                with os.fdopen(fd, "w") as fh:
-                    fh.write(self._datastore.model_dump_json(exclude={"base_path"}, indent=2))
-                    fh.flush()
-                    os.fsync(fh.fileno())
-                os.replace(tmp, path)
-            except BaseException:
-                Path(tmp).unlink(missing_ok=True)
-                raise
+            with atomic_write(path, mode="w", suffix=".partial", file_mode=FILE_MODE) as fh:
+                fh.write(self._datastore.model_dump_json(exclude={"base_path"}, indent=2))
             self._config_ts = os.stat(path).st_mtime
 
         if lock:

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-import os
-import tempfile
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -13,6 +11,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from .atomic import atomic_write
 from .config import AdapterSettings
 from .model import AdaptedSam
 
@@ -64,24 +63,9 @@ class AdapterCheckpoint:
 
     def save(self, path: str | Path) -> Path:
         """Write atomically: a temporary file in the same folder, fsync, then rename over ``path``."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "wb") as fh:
-                torch.save({"format": FORMAT, "meta": self.metadata(), "tensors": self.tensors}, fh)
-                fh.flush()
-                os.fsync(fh.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
-        dir_fd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
-        return path
+        with atomic_write(path) as fh:
+            torch.save({"format": FORMAT, "meta": self.metadata(), "tensors": self.tensors}, fh)
+        return Path(path)
 
     @classmethod
     def load(cls, path: str | Path) -> AdapterCheckpoint:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import tempfile
 import time
 from dataclasses import asdict, fields
@@ -23,6 +22,7 @@ from monailabel.config import settings as server_settings
 from monailabel.interfaces.datastore import Datastore, DefaultLabelTag
 from monailabel.interfaces.tasks.train import TrainTask
 
+from lib.core.atomic import atomic_write
 from lib.core.config import TRAINABLE_PARTS
 from lib.core.dicom_seg import read_seg
 from lib.core.distributed import DistributedJob, train_distributed
@@ -59,11 +59,8 @@ def first_item(request: dict, key: str, default: Any) -> Any:
 
 
 def write_json_atomic(path: Path, data: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    with os.fdopen(fd, "w") as fh:
+    with atomic_write(path, mode="w") as fh:
         json.dump(data, fh, indent=2, default=str)
-    os.replace(tmp, path)
 
 
 class AdapterTrainTask(TrainTask):
