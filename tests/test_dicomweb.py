@@ -35,12 +35,9 @@ def seg_in_grid(seg_file: Path, shape: tuple[int, int, int], affine: np.ndarray)
 
 
 def read_nrrd(content: bytes) -> tuple[np.ndarray, np.ndarray]:
-    from lib.core.volume import load_volume
+    from lib.core.volume import volume_from_bytes
 
-    with tempfile.NamedTemporaryFile(suffix=".nrrd") as fh:
-        fh.write(content)
-        fh.flush()
-        volume = load_volume(fh.name)
+    volume = volume_from_bytes(content, ".nrrd")
     return volume.array, volume.affine
 
 

@@ -55,12 +55,9 @@ def infer(url: str, model: str, image: str, params: object, output: str = "image
 
 
 def decoded_mask(response: requests.Response, suffix: str = ".nrrd") -> np.ndarray:
-    from lib.core.volume import load_volume
+    from lib.core.volume import volume_from_bytes
 
-    with tempfile.NamedTemporaryFile(suffix=suffix) as fh:
-        fh.write(response.content)
-        fh.flush()
-        return load_volume(fh.name).array
+    return volume_from_bytes(response.content, suffix).array
 
 
 def nifti_bytes(array: np.ndarray, affine: np.ndarray) -> bytes:

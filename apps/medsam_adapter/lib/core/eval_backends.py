@@ -4,15 +4,31 @@
 from __future__ import annotations
 
 import json
-import tempfile
-from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from .datasets import LabelledCase
 from .engine import InteractiveSegmenter
 from .prompts import parse_prompts, parse_slice
-from .volume import load_volume
+from .volume import volume_from_bytes
+
+if TYPE_CHECKING:
+    import requests
+
+
+def decode_infer_answer(response: requests.Response) -> tuple[dict, bytes]:
+    """(params, label file bytes) of a MONAI Label ``output=all`` multipart answer (b"" without a label)."""
+    from requests_toolbelt.multipart.decoder import MultipartDecoder
+
+    params, image = {}, b""
+    for part in MultipartDecoder.from_response(response).parts:
+        disposition = part.headers.get(b"Content-Disposition", b"").decode()
+        if 'name="params"' in disposition:
+            params = json.loads(part.content)
+        elif 'name="image"' in disposition:
+            image = part.content
+    return params, image
 
 
 class InProcessBackend:
@@ -47,8 +63,6 @@ class HttpBackend:
         self.session = requests.Session()
 
     def segment(self, case: LabelledCase, request: dict, three_d: bool) -> tuple[np.ndarray, dict[str, float]]:
-        from requests_toolbelt.multipart.decoder import MultipartDecoder
-
         body = {"result_extension": ".nrrd", "result_dtype": "uint8", **request}
         r = self.session.post(
             f"{self.url}/infer/{self.task_3d if three_d else self.task_2d}",
@@ -58,18 +72,10 @@ class HttpBackend:
         )
         if r.status_code != 200:
             raise RuntimeError(f"server answered {r.status_code} for {case.case_id}: {r.text[:300]}")
-        params, label = {}, None
-        for part in MultipartDecoder.from_response(r).parts:
-            disposition = part.headers.get(b"Content-Disposition", b"").decode()
-            if 'name="params"' in disposition:
-                params = json.loads(part.content)
-            elif 'name="image"' in disposition:
-                with tempfile.TemporaryDirectory() as tmp:
-                    path = Path(tmp) / "label.nrrd"
-                    path.write_bytes(part.content)
-                    label = load_volume(path).array
-        if label is None:
+        params, image = decode_infer_answer(r)
+        if not image:
             raise RuntimeError(f"no label in the server's answer for {case.case_id}")
+        label = volume_from_bytes(image, ".nrrd").array
         if label.shape != case.image.shape:
             raise RuntimeError(f"{case.case_id}: server label shape {label.shape} != image {case.image.shape}")
         return label, dict(params.get("latency_ms", {}))

@@ -88,6 +88,14 @@ def load_volume(path: str | Path) -> Volume:
     return Volume(array, np.asarray(affine, dtype=np.float64))
 
 
+def volume_from_bytes(content: bytes, suffix: str) -> Volume:
+    """A volume from file bytes (an HTTP answer or upload); ``suffix`` names the format (``.nrrd``, ...)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / f"volume{suffix}"
+        path.write_bytes(content)
+        return load_volume(path)
+
+
 def label_problem(label: Volume, image: Volume, max_value: int = 65535) -> str | None:
     """Why ``label`` cannot be a label of ``image`` (None when it fits): same voxel grid and
     geometry (affine within 1e-3 mm / 1e-4 of a direction), whole non-negative values."""
