@@ -29,7 +29,6 @@ import random
 import shutil
 import signal
 import statistics
-import subprocess
 import sys
 import tempfile
 import threading
@@ -45,7 +44,10 @@ ROOT = Path(__file__).resolve().parents[1]
 APP = ROOT / "apps" / "medsam_adapter"
 sys.path.insert(0, str(ROOT / "tests"))
 sys.path.insert(0, str(APP))
+from kill_points import kill_publisher  # noqa: E402
 from live_server import Server  # noqa: E402
+
+from lib.core.eval_backends import decode_infer_answer  # noqa: E402
 
 IMAGES = sorted(p.name[: -len(".nii.gz")] for p in (ROOT / "sample-data").glob("*.nii.gz"))
 
@@ -100,19 +102,15 @@ def annotator(url: str, n: int, stop: threading.Event, rec: Recorder, shapes: di
         k = rng.randrange(sz)
         cx, cy = sx // 2 + rng.randint(-sx // 8, sx // 8), sy // 2 + rng.randint(-sy // 8, sy // 8)
         client = f"annotator-{n}"
-        steps = [("box" if session % 2 else "first_click", {"reset_state": True})]
-        steps[0][1].update(
-            {"roi": [cx - sx // 6, cx + sx // 6, cy - sy // 6, cy + sy // 6, k, k]}
-            if session % 2
-            else {"foreground": [[cx, cy, k]]}
-        )
-        steps += [("refine_click", {"foreground": [[cx, cy, k], [cx + 2, cy + 3, k]]})]
-        steps += [("refine_click", {"foreground": [[cx, cy, k], [cx + 2, cy + 3, k]], "background": [[1, 1, k]]})]
+        box = [cx - sx // 6, cx + sx // 6, cy - sy // 6, cy + sy // 6, k, k]
+        steps = [
+            ("box", {"roi": box}) if session % 2 else ("first_click", {"foreground": [[cx, cy, k]]}),
+            ("refine_click", {"foreground": [[cx, cy, k], [cx + 2, cy + 3, k]]}),
+            ("refine_click", {"foreground": [[cx, cy, k], [cx + 2, cy + 3, k]], "background": [[1, 1, k]]}),
+        ]
         mask = None
         for kind, params in steps:
-            body = {"client_id": client, "slice": k, "label": "organ", **params}
-            if kind != "first_click" and kind != "box":
-                body.pop("roi", None)
+            body = {"client_id": client, "slice": k, "label": "organ", "reset_state": kind != "refine_click", **params}
             start = time.perf_counter()
             try:
                 r = requests.post(
@@ -124,7 +122,7 @@ def annotator(url: str, n: int, stop: threading.Event, rec: Recorder, shapes: di
                 ms = (time.perf_counter() - start) * 1e3
                 if r.status_code != 200:
                     raise RuntimeError(f"{kind} {r.status_code} {r.text[:200]}")
-                params_part, mask = split_multipart(r)
+                params_part, mask = decode_infer_answer(r)
                 rec.add(kind, ms, params_part.get("model_version"))
             except Exception as e:  # noqa: BLE001 - every failure is counted
                 with rec.lock:
@@ -152,19 +150,6 @@ def annotator(url: str, n: int, stop: threading.Event, rec: Recorder, shapes: di
                 with rec.lock:
                     rec.errors.append(f"save_label: {e}")
         session += 1
-
-
-def split_multipart(r: requests.Response) -> tuple[dict, bytes]:
-    from requests_toolbelt.multipart.decoder import MultipartDecoder
-
-    params, image = {}, b""
-    for part in MultipartDecoder.from_response(r).parts:
-        disposition = part.headers.get(b"Content-Disposition", b"").decode()
-        if 'name="params"' in disposition:
-            params = json.loads(part.content)
-        elif 'name="image"' in disposition:
-            image = part.content
-    return params, image
 
 
 def load_phase(server: Server, annotators: int, seconds: float, shapes: dict, train: dict | None) -> dict:
@@ -227,52 +212,13 @@ def went_back(versions: list[str]) -> bool:
     return any(b < a for a, b in zip(order, order[1:], strict=False))
 
 
-PUBLISHER = """
-import sys, torch
-sys.path.insert(0, sys.argv[1])
-from pathlib import Path
-from lib.core.backbones import build_backbone
-from lib.core.config import AdapterSettings
-from lib.core.engine import publish_adapters
-from lib.core.model import AdaptedSam
-model = AdaptedSam(build_backbone("lite_medsam"), AdapterSettings(), labels=("organ",))
-print("ready", flush=True)
-while True:
-    with torch.no_grad():
-        for p in model.adaptable_state().values():
-            p.add_(0.001)
-    publish_adapters(model, Path(sys.argv[2]), {})
-"""
-
-
 def publish_kills(count: int, folder: Path) -> dict:
-    from lib.core.checkpoint import AdapterCheckpoint
-    from lib.core.engine import adapter_path, published_versions
-
-    rng = random.Random(0)
-    mid_write = broken = 0
-    checked: set[int] = set()
-    for _ in range(count):
-        proc = subprocess.Popen(
-            [sys.executable, "-c", PUBLISHER, str(APP), str(folder)], stdout=subprocess.PIPE, text=True
-        )
-        proc.stdout.readline()
-        time.sleep(rng.uniform(0.0, 1.0))
-        proc.send_signal(signal.SIGKILL)
-        proc.wait()
-        proc.stdout.close()
-        mid_write += bool(list(folder.glob(".adapter_v*.tmp")))
-        for v in set(published_versions(folder)) - checked:  # every listed version must load
-            try:
-                AdapterCheckpoint.load(adapter_path(folder, v))
-            except Exception:  # noqa: BLE001
-                broken += 1
-            checked.add(v)
+    report = kill_publisher(folder, "lite_medsam", count, max_delay=1.0)
     return {
-        "kill_points": count,
-        "during_a_write": mid_write,
-        "versions_written": len(published_versions(folder)),
-        "broken_listed_files": broken,
+        "kill_points": report.kills,
+        "during_a_write": report.during_a_write,
+        "versions_written": len(report.versions or []),
+        "broken_listed_files": report.broken,
     }
 
 

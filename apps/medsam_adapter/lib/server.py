@@ -102,18 +102,18 @@ class RequestGuard:
             content_type = headers.get(b"content-type", b"").decode("latin-1").lower()
             if content_type.startswith(FORM_TYPES):
                 body.seek(0)
-                problem = await self._form_problem(scope, self._replay(body, receive))
+                problem = await self._form_problem(scope, self._replay(body, size, receive))
                 if problem:
                     await self._reply(scope, receive, send, 422 if "JSON" in problem else 400, problem)
                     return
             body.seek(0)
-            await self.app(scope, self._replay(body, receive), send)
+            await self.app(scope, self._replay(body, size, receive), send)
 
     def _too_big(self) -> str:
         return f"request body exceeds the upload limit of {self.max_body_bytes} bytes (--conf max_upload_mb)"
 
     @staticmethod
-    def _replay(body: Any, receive: Receive) -> Receive:
+    def _replay(body: Any, size: int, receive: Receive) -> Receive:
         done = False
 
         async def replay() -> Message:
@@ -121,7 +121,7 @@ class RequestGuard:
             if done:
                 return await receive()  # after the body: wait for the client's disconnect
             chunk = body.read(1 << 20)
-            done = not chunk or body.tell() >= _size(body)
+            done = not chunk or body.tell() >= size
             return {"type": "http.request", "body": chunk, "more_body": not done}
 
         return replay
@@ -146,14 +146,6 @@ class RequestGuard:
     @staticmethod
     async def _reply(scope: Scope, receive: Receive, send: Send, status: int, detail: str) -> None:
         await JSONResponse({"detail": detail}, status_code=status)(scope, receive, send)
-
-
-def _size(fh: Any) -> int:
-    here = fh.tell()
-    fh.seek(0, 2)
-    end = fh.tell()
-    fh.seek(here)
-    return end
 
 
 def user_from_token(token: str) -> auth.User:
