@@ -12,7 +12,7 @@ from conftest import SAMPLE, shared
 from lib.core.backbones import build_backbone
 from lib.core.cache import EmbeddingCache
 from lib.core.checkpoint import AdapterCheckpoint
-from lib.core.config import AdapterSettings, InferenceSettings, PreprocessSettings, parse_profile
+from lib.core.config import AdapterSettings, InferenceSettings, PreprocessSettings, ProfileError, parse_profile
 from lib.core.engine import InteractiveSegmenter, adapter_path, published_versions
 from lib.core.model import AdaptedSam
 from lib.core.orientation import SliceView
@@ -173,3 +173,33 @@ def test_published_adapters_are_hot_reloaded_and_old_embeddings_dropped(tiny_seg
     # rollback by configuration
     seg.pinned_version = 99
     assert seg.segment(volume, prompts, three_d=False).params["model_version"] == "base"
+
+
+def test_a_lone_click_gets_three_masks_only_from_adapters_trained_for_it(tiny_segmenter):
+    volume = load_volume(SAMPLE / "spleen_ct.nii.gz")
+    loaded = tiny_segmenter.current()
+    predictor = tiny_segmenter.predictor(loaded)
+    view = SliceView.from_affine(volume.affine, 2)
+    window = tiny_segmenter.window(volume)
+    image = view.slice(volume.array, 12)
+    click = dict(points_rc=np.array([[60, 80]]), point_labels=np.array([1]))
+    embedding, frame, _, _ = predictor.embed(image, window, view.spacing)
+    xy = torch.as_tensor(frame.points_to_model(click["points_rc"]), dtype=torch.float32)[None]
+    with torch.inference_mode():
+        three = loaded.model.decode(embedding, points=(xy, torch.ones(1, 1, dtype=torch.int64)), multimask=True)
+        single = loaded.model.decode(embedding, points=(xy, torch.ones(1, 1, dtype=torch.int64)))
+    best = int(three.iou[0].argmax())
+    assert not loaded.model.trained_multimask_single_click  # "auto": the bare model keeps its one mask
+    assert torch.equal(predictor.predict(image, window, view.spacing, **click).low_res_logits, single.low_res_logits)
+    loaded.model.trained_multimask_single_click = True
+    result = predictor.predict(image, window, view.spacing, **click)
+    assert torch.equal(result.low_res_logits, three.low_res_logits[:, best : best + 1])
+    assert result.iou == pytest.approx(float(three.iou[0, best]))
+    # a second click (or a box, or fed-back logits) always gets the one mask
+    two = predictor.predict(image, window, view.spacing, np.array([[60, 80], [70, 90]]), np.array([1, 0]))
+    assert two.low_res_logits.shape == single.low_res_logits.shape
+
+
+def test_inference_modes_are_validated():
+    with pytest.raises(ProfileError, match="multimask_for_single_click must be auto, always or never"):
+        parse_profile({"name": "t", "backbone": "tiny", "inference": {"multimask_for_single_click": "yes"}})

@@ -17,6 +17,7 @@ from lib.core.training import (
     LabelledVolume,
     TrainingDataError,
     TrainSettings,
+    object_weights,
     prepare_samples,
     split_volumes,
 )
@@ -142,3 +143,41 @@ def test_distributed_training_with_two_gloo_processes_keeps_ranks_in_step(tmp_pa
     assert all(torch.equal(rank0[k], rank1[k]) for k in rank0), "ranks diverged: gradients were not averaged"
     fresh = AdaptedSam.from_profile(profile).adaptable_state()
     assert any(not torch.equal(rank0[k], fresh[k]) for k in rank0 if part_of(k) in parts)
+
+
+def test_size_balanced_sampling_gives_every_size_class_the_same_share():
+    def square(side: int) -> np.ndarray:
+        m = np.zeros((64, 64), bool)
+        m[:side, :side] = True
+        return m
+
+    # nine large organ cross-sections (~1000 px) and one small lesion (9 px)
+    masks = [square(32)] * 9 + [square(3)]
+    w = object_weights(masks)
+    assert w.sum() == pytest.approx(1.0)
+    assert w[-1] == pytest.approx(0.5) and w[:9].sum() == pytest.approx(0.5)
+
+
+def test_a_lone_click_trains_only_the_best_of_three_masks():
+    torch.manual_seed(0)
+    model = AdaptedSam(build_backbone("tiny"), AdapterSettings(), labels=("spleen",))
+    trainer = AdapterTrainer(model, TrainSettings(multimask_single_click=True), torch.device("cpu"))
+    one = torch.zeros(1, 1, 4, 4)
+    one[..., :2, :2] = 1
+    good = (one * 2 - 1) * 20  # logits that match the target
+    bad = -good
+    three = torch.cat([bad, good, bad], dim=1)
+    perfect_iou = torch.tensor([[0.0, 1.0, 0.0]])
+    # the loss of three masks is the loss of the best one (plus the IoU head's error on all three)
+    best_alone = float(trainer._round_loss(good, perfect_iou[:, 1:2], one))
+    assert float(trainer._round_loss(three, perfect_iou, one)) == pytest.approx(best_alone, abs=1e-4)
+    assert trainer._round_loss(three, perfect_iou, one) < trainer._round_loss(bad, torch.zeros(1, 1), one)
+    # three masks only for one click alone: not with a box, a second click or fed-back logits
+    click = (torch.zeros(1, 1, 2), torch.ones(1, 1, dtype=torch.int64))
+    two = (torch.zeros(1, 2, 2), torch.ones(1, 2, dtype=torch.int64))
+    assert trainer._multimask(click, None, None)
+    assert not trainer._multimask(two, None, None)
+    assert not trainer._multimask(click, torch.zeros(1, 4), None)
+    assert not trainer._multimask(click, None, torch.zeros(1, 1, 8, 8))
+    off = AdapterTrainer(model, TrainSettings(multimask_single_click=False), torch.device("cpu"))
+    assert not off._multimask(click, None, None)

@@ -115,6 +115,7 @@ class AdapterCheckpoint:
         same_labels = list(self.labels) == list(model.labels)
         model.prompt_free_head_trained = same_labels and bool(self.metrics.get("prompt_free_head_trained"))
         model.trained_with_mask_prompts = bool(self.metrics.get("trained_with_mask_prompts"))
+        model.trained_multimask_single_click = bool(self.metrics.get("trained_multimask_single_click"))
         with torch.no_grad():
             for name, tensor in self.tensors.items():
                 if name.startswith("prompt_free_head.") and not same_labels:

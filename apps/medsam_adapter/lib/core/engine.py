@@ -209,6 +209,7 @@ class InteractiveSegmenter:
                     own[name].copy_(tensor)
             model.prompt_free_head_trained = False
             model.trained_with_mask_prompts = False
+            model.trained_multimask_single_click = False
         fingerprint = "base"
         if kind != "base":
             ckpt = AdapterCheckpoint.load(path)

@@ -74,6 +74,7 @@ class AdaptedSam(nn.Module):
             self.prompt_free_head = PromptFreeHead(len(self.labels)) if self.labels else None
         self.prompt_free_head_trained = False  # set when trained adapters with a fitted head are loaded
         self.trained_with_mask_prompts = False  # set when the loaded adapters learnt to use fed-back logits
+        self.trained_multimask_single_click = False  # set when they learnt three masks for a lone click
         self.freeze_all_but(self.trainable_parts)
         self.eval()
 

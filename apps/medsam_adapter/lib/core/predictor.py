@@ -102,8 +102,10 @@ class SlicePredictor:
             boxes = torch.as_tensor(frame.box_to_model(*box_rc), dtype=torch.float32, device=self.device)[None]
         if mask_logits is not None:
             mask_logits = mask_logits.to(self.device, torch.float32)
+        mode = self.inference.multimask_for_single_click
         multimask = (
-            self.inference.multimask_for_single_click and n_points == 1 and box_rc is None and mask_logits is None
+            (mode == "always" or (mode == "auto" and self.model.trained_multimask_single_click))
+            and n_points == 1 and box_rc is None and mask_logits is None
         )
         with torch.inference_mode():
             out = self.model.decode(embedding, points=points, boxes=boxes, mask_logits=mask_logits, multimask=multimask)

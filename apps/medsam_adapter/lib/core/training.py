@@ -2,8 +2,10 @@
 
 Per (slice, object): an initial prompt (a box pushed outward by a random margin, or one interior
 click), then rounds where the next click lands in the largest error region with the previous low-res
-logits fed back as the mask prompt, then mask-only rounds. Loss: Dice + BCE (MONAI DiceCELoss) plus
-MSE between predicted and real IoU. The prompt-free head learns the same labels (Dice + CE).
+logits fed back as the mask prompt, then mask-only rounds. Loss: Dice + BCE (MONAI's) plus MSE between
+predicted and real IoU. A single click is ambiguous (a part or the whole?): as in SAM, it gets three
+masks and only the best one is trained, and inference keeps the one with the highest predicted IoU.
+The prompt-free head learns the same labels (Dice + CE).
 Everything happens in the decoder's low-res frame; when the encoder's adapters are not trained, image
 embeddings are computed once and reused (the CPU default).
 """
@@ -22,7 +24,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from monai.losses import DiceCELoss
+from monai.losses import DiceCELoss, DiceLoss
 from scipy import ndimage
 from torch import Tensor
 
@@ -59,6 +61,10 @@ class TrainSettings:
     max_val_objects: int = 48
     train_encoder_adapters: bool = False
     train_prompt_free_head: bool = True
+    multimask_single_click: bool = False  # three masks for a lone click, the best one trained (SAM)
+    balance_object_sizes: bool = False  # draw objects evenly over size (log2 area) instead of uniformly
+    val_clicks: int = 3  # validation Dice after this many clicks (with the box Dice: the score)
+    cosine_schedule: bool = False  # learning rate decays to 0 over max_epochs (cosine)
 
 
 @dataclass
@@ -176,6 +182,7 @@ class AdapterTrainer:
         self.device = device
         self.factor = model.img_size / model.low_res_size[1]
         self.seg_loss = DiceCELoss(sigmoid=True, squared_pred=False, reduction="mean")
+        self.dice_each = DiceLoss(sigmoid=True, reduction="none")
         self.head_loss = DiceCELoss(to_onehot_y=True, softmax=True, include_background=False)
 
     # -- forward helpers --------------------------------------------------------------------------
@@ -205,7 +212,12 @@ class AdapterTrainer:
         return torch.tensor(out, dtype=torch.float32, device=self.device)
 
     def _decode_each(
-        self, emb: Tensor, points: tuple[Tensor, Tensor] | None, boxes: Tensor | None, masks: Tensor | None
+        self,
+        emb: Tensor,
+        points: tuple[Tensor, Tensor] | None,
+        boxes: Tensor | None,
+        masks: Tensor | None,
+        multimask: bool = False,
     ) -> tuple[Tensor, Tensor]:
         """SAM's decoder takes one image embedding per call (it repeats it for every prompt), so a batch
         of different slices is decoded item by item."""
@@ -216,10 +228,37 @@ class AdapterTrainer:
                 points=(points[0][b : b + 1], points[1][b : b + 1]) if points is not None else None,
                 boxes=boxes[b : b + 1] if boxes is not None else None,
                 mask_logits=masks[b : b + 1] if masks is not None else None,
+                multimask=multimask,
             )
             logits.append(out.low_res_logits)
             ious.append(out.iou)
         return torch.cat(logits), torch.cat(ious)
+
+    def _multimask(self, points: tuple[Tensor, Tensor] | None, boxes: Tensor | None, masks: Tensor | None) -> bool:
+        """Whether this prompt gets three masks: one click alone (the rule :class:`SlicePredictor` follows)."""
+        return (
+            self.settings.multimask_single_click and points is not None and points[0].shape[1] == 1
+            and boxes is None and masks is None
+        )
+
+    @staticmethod
+    def _iou(logits: Tensor, gt: Tensor) -> Tensor:
+        hard, target = logits > 0, gt > 0.5
+        return (hard & target).flatten(2).sum(2).float() / (hard | target).flatten(2).sum(2).clamp(min=1)
+
+    def _round_loss(self, logits: Tensor, iou_pred: Tensor, gt: Tensor) -> Tensor:
+        """Dice + BCE of the best of the masks per item (one mask: that one) + IoU MSE of all masks."""
+        target = gt.expand_as(logits)
+        with torch.no_grad():
+            iou_true = self._iou(logits, target)
+        if logits.shape[1] == 1:
+            seg = self.seg_loss(logits, gt)
+        else:
+            per_mask = self.dice_each(logits, target).flatten(1) + F.binary_cross_entropy_with_logits(
+                logits, target, reduction="none"
+            ).mean((2, 3))
+            seg = per_mask.min(dim=1).values.mean()
+        return seg + F.mse_loss(iou_pred, iou_true)
 
     # -- training ---------------------------------------------------------------------------------
     def interactive_loss(self, items: list[tuple[SliceSample, np.ndarray]], rng: np.random.Generator) -> Tensor:
@@ -251,14 +290,14 @@ class AdapterTrainer:
                         click = largest_error_click(pred[b], gt_np[b])
                         clicks[b].append((click[0], click[1], int(click[2])) if click else (0, 0, -1))
                 points = self._points(clicks) if clicks[0] else None
+                multimask = self._multimask(points, boxes, mask_in)
                 with torch.set_grad_enabled(r == trained_round and torch.is_grad_enabled()):
-                    logits, iou_pred = self._decode_each(emb, points, boxes, mask_in)
-                mask_in = logits.detach()
+                    logits, iou_pred = self._decode_each(emb, points, boxes, mask_in, multimask)
+                # the annotator goes on from the mask inference would show: the highest predicted IoU
+                best = iou_pred.detach().argmax(dim=1)
+                mask_in = logits.detach()[torch.arange(len(batch)), best][:, None]
                 pred = (mask_in[:, 0] > 0).cpu().numpy()
-            with torch.no_grad():
-                hard, target = logits > 0, gt > 0.5
-                iou_true = (hard & target).flatten(1).sum(1).float() / (hard | target).flatten(1).sum(1).clamp(min=1)
-            total = total + self.seg_loss(logits, gt) + F.mse_loss(iou_pred[:, 0], iou_true)
+            total = total + self._round_loss(logits, iou_pred, gt)
             groups += 1
         return total / max(groups, 1)
 
@@ -285,11 +324,15 @@ class AdapterTrainer:
             session = [(r, c, 1)]
             mask_in = None
             for n in range(clicks):
-                out = self.model.decode(emb, points=self._points([session]), mask_logits=mask_in)
-                pred = out.low_res_logits[0, 0].cpu().numpy() > 0
+                points = self._points([session])
+                multimask = self._multimask(points, None, mask_in)
+                out = self.model.decode(emb, points=points, mask_logits=mask_in, multimask=multimask)
+                best = int(out.iou[0].argmax())
+                logits = out.low_res_logits[:, best : best + 1]
+                pred = logits[0, 0].cpu().numpy() > 0
                 if n == 0:
                     one_d.append(dice(pred, obj))
-                mask_in = out.low_res_logits if feed_logits else None
+                mask_in = logits if feed_logits else None
                 nxt = largest_error_click(pred, obj)
                 if nxt is None:
                     break
@@ -338,7 +381,12 @@ class AdapterTrainer:
         if not objects:
             raise TrainingDataError("the submitted labels hold no object large enough to train on")
         steps = s.steps_per_epoch or math.ceil(len(objects) / s.batch_size)
-        before = self.evaluate(val, feed_logits_before) if val else {}
+        weights = object_weights([obj for _, obj in objects]) if s.balance_object_sizes else None
+        schedule = (
+            torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=s.max_epochs * steps)
+            if s.cosine_schedule else None
+        )
+        before = self.evaluate(val, feed_logits_before, s.val_clicks) if val else {}
         result = TrainResult(None, before, dict(before))
         best_score = before.get("score", -math.inf)
         best_state = None
@@ -349,7 +397,7 @@ class AdapterTrainer:
         for epoch in range(1, s.max_epochs + 1):
             losses = []
             for _ in range(steps):
-                pick = rng.choice(len(objects), size=min(s.batch_size, len(objects)), replace=False)
+                pick = rng.choice(len(objects), size=min(s.batch_size, len(objects)), replace=False, p=weights)
                 batch = [objects[i] for i in pick]
                 loss = self.interactive_loss(batch, rng)
                 if s.train_prompt_free_head:
@@ -365,8 +413,10 @@ class AdapterTrainer:
                         dist.all_reduce(p.grad)
                         p.grad /= world
                 optimizer.step()
+                if schedule is not None:
+                    schedule.step()
                 losses.append(float(loss.detach()))
-            metrics = self.evaluate(val, feed_logits=True) if val else {}
+            metrics = self.evaluate(val, feed_logits=True, clicks=s.val_clicks) if val else {}
             entry = {"epoch": epoch, "loss": float(np.mean(losses)), **metrics}
             result.history.append(entry)
             result.epochs_run = epoch
@@ -397,6 +447,15 @@ class AdapterTrainer:
         if val and best_state is None:
             result.notes.append("no epoch beat the starting model on validation")
         return result
+
+
+def object_weights(masks: Sequence[np.ndarray]) -> np.ndarray:
+    """Sampling probabilities that give every size class (whole powers of two of the area) the same
+    share, so the few small lesions are drawn as often as the many large organ cross-sections."""
+    size_class = np.floor(np.log2([max(int(m.sum()), 1) for m in masks])).astype(int)
+    _, inverse, counts = np.unique(size_class, return_inverse=True, return_counts=True)
+    weights = 1.0 / counts[inverse]
+    return weights / weights.sum()
 
 
 def run_summary(result: TrainResult, model: AdaptedSam, device: torch.device, started: float,

@@ -297,6 +297,7 @@ class AdapterTrainTask(TrainTask):
             "before": result.before,
             "after": result.after,
             "trained_with_mask_prompts": True,
+            "trained_multimask_single_click": settings.multimask_single_click,
             "prompt_free_head_trained": head_trained or model.prompt_free_head_trained,
             "images": [v.image_id for v in train_vols],
             "validation_images": [v.image_id for v in val_vols],
