@@ -7,11 +7,10 @@ hypernetworks, IoU head, mask tokens) with the product's own trainer and simulat
 clicks, click sequences into the largest error with the previous logits fed back, boxes, box plus
 clicks. Opt-in variants (measured in the README): a longer click horizon (``--click-rounds``),
 size-balanced object sampling (``--balance-sizes``), a cosine rate decay (``--cosine``), three masks for a
-lone click (``--multimask``). Image embeddings are
-computed once. Data: the shippable labelled scans only (``sample-data/``
-and the shippable folders of ``../shared/data``); ``mr_brats2015`` and ``ct_lesion_deeplesion`` are never
-used, they are the held-out evaluation. Writes the checkpoint atomically plus a JSON record (data list,
-seed, settings, validation numbers, wall time) next to it.
+lone click (``--multimask``). Image embeddings are computed once. Data: the shippable labelled scans only
+(``sample-data/`` and the shippable folders of ``../shared/data``); ``mr_brats2015`` and
+``ct_lesion_deeplesion`` are never used, they are the held-out evaluation. Writes the checkpoint
+atomically plus a JSON record (data list, seed, settings, validation numbers, wall time) next to it.
 """
 
 from __future__ import annotations

@@ -38,6 +38,17 @@ class Decoded:
     low_res_logits: Tensor  # (B, M, h, w) in the low-res model frame
     iou: Tensor  # (B, M) predicted IoU
 
+    def kept(self) -> Decoded:
+        """Per item, the mask with the highest predicted IoU (the one shown; one mask: that one)."""
+        best = self.iou.detach().argmax(dim=1)
+        rows = torch.arange(len(best), device=best.device)
+        return Decoded(self.low_res_logits[rows, best][:, None], self.iou[rows, best][:, None])
+
+
+def lone_click(points: tuple[Tensor, Tensor] | None, boxes: Tensor | None, mask_logits: Tensor | None) -> bool:
+    """One click and nothing else: the ambiguous prompt that may get three masks (SAM's rule)."""
+    return points is not None and points[0].shape[1] == 1 and boxes is None and mask_logits is None
+
 
 class AdaptedSam(nn.Module):
     """Backbone + encoder/decoder adapters + prompt-free head. Only the parts listed in ``trainable``

@@ -11,7 +11,7 @@ from torch import Tensor
 
 from .cache import EmbeddingCache, content_key
 from .config import InferenceSettings, PreprocessSettings
-from .model import AdaptedSam
+from .model import AdaptedSam, lone_click
 from .preprocess import IntensityWindow, LetterboxFrame, normalize_slice
 
 
@@ -104,20 +104,20 @@ class SlicePredictor:
             mask_logits = mask_logits.to(self.device, torch.float32)
         mode = self.inference.multimask_for_single_click
         multimask = (
-            (mode == "always" or (mode == "auto" and self.model.trained_multimask_single_click))
-            and n_points == 1 and box_rc is None and mask_logits is None
-        )
+            mode == "always" or (mode == "auto" and self.model.trained_multimask_single_click)
+        ) and lone_click(points, boxes, mask_logits)
         with torch.inference_mode():
-            out = self.model.decode(embedding, points=points, boxes=boxes, mask_logits=mask_logits, multimask=multimask)
-            best = int(out.iou[0].argmax()) if multimask else 0
-            low_res = out.low_res_logits[:, best : best + 1]
+            out = self.model.decode(
+                embedding, points=points, boxes=boxes, mask_logits=mask_logits, multimask=multimask
+            ).kept()
+            low_res = out.low_res_logits
             logits = frame.logits_to_slice(low_res)[0, 0]
             mask = (logits > 0).cpu().numpy()
         dec_ms = (time.perf_counter() - start) * 1e3
         return SliceResult(
             mask=mask,
             low_res_logits=low_res.detach().cpu(),
-            iou=float(out.iou[0, best]),
+            iou=float(out.iou[0, 0]),
             embedding_cached=cached,
             timings_ms={"encoder": 0.0 if cached else enc_ms, "decoder": dec_ms},
         )

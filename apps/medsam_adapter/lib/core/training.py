@@ -30,7 +30,7 @@ from torch import Tensor
 
 from .annotator import dice, interior_point, jittered_box, largest_error_click, random_interior_point
 from .config import PreprocessSettings
-from .model import AdaptedSam
+from .model import AdaptedSam, Decoded, lone_click
 from .orientation import SliceView
 from .preprocess import LetterboxFrame, choose_window, normalize_slice
 from .volume import Volume, load_volume
@@ -181,7 +181,6 @@ class AdapterTrainer:
         self.settings = settings
         self.device = device
         self.factor = model.img_size / model.low_res_size[1]
-        self.seg_loss = DiceCELoss(sigmoid=True, squared_pred=False, reduction="mean")
         self.dice_each = DiceLoss(sigmoid=True, reduction="none")
         self.head_loss = DiceCELoss(to_onehot_y=True, softmax=True, include_background=False)
 
@@ -235,11 +234,8 @@ class AdapterTrainer:
         return torch.cat(logits), torch.cat(ious)
 
     def _multimask(self, points: tuple[Tensor, Tensor] | None, boxes: Tensor | None, masks: Tensor | None) -> bool:
-        """Whether this prompt gets three masks: one click alone (the rule :class:`SlicePredictor` follows)."""
-        return (
-            self.settings.multimask_single_click and points is not None and points[0].shape[1] == 1
-            and boxes is None and masks is None
-        )
+        """Whether this prompt gets three masks (as :class:`SlicePredictor` decides for trained adapters)."""
+        return self.settings.multimask_single_click and lone_click(points, boxes, masks)
 
     @staticmethod
     def _iou(logits: Tensor, gt: Tensor) -> Tensor:
@@ -251,14 +247,10 @@ class AdapterTrainer:
         target = gt.expand_as(logits)
         with torch.no_grad():
             iou_true = self._iou(logits, target)
-        if logits.shape[1] == 1:
-            seg = self.seg_loss(logits, gt)
-        else:
-            per_mask = self.dice_each(logits, target).flatten(1) + F.binary_cross_entropy_with_logits(
-                logits, target, reduction="none"
-            ).mean((2, 3))
-            seg = per_mask.min(dim=1).values.mean()
-        return seg + F.mse_loss(iou_pred, iou_true)
+        per_mask = self.dice_each(logits, target).flatten(1) + F.binary_cross_entropy_with_logits(
+            logits, target, reduction="none"
+        ).mean((2, 3))
+        return per_mask.min(dim=1).values.mean() + F.mse_loss(iou_pred, iou_true)
 
     # -- training ---------------------------------------------------------------------------------
     def interactive_loss(self, items: list[tuple[SliceSample, np.ndarray]], rng: np.random.Generator) -> Tensor:
@@ -294,8 +286,7 @@ class AdapterTrainer:
                 with torch.set_grad_enabled(r == trained_round and torch.is_grad_enabled()):
                     logits, iou_pred = self._decode_each(emb, points, boxes, mask_in, multimask)
                 # the annotator goes on from the mask inference would show: the highest predicted IoU
-                best = iou_pred.detach().argmax(dim=1)
-                mask_in = logits.detach()[torch.arange(len(batch)), best][:, None]
+                mask_in = Decoded(logits, iou_pred).kept().low_res_logits.detach()
                 pred = (mask_in[:, 0] > 0).cpu().numpy()
             total = total + self._round_loss(logits, iou_pred, gt)
             groups += 1
@@ -327,8 +318,7 @@ class AdapterTrainer:
                 points = self._points([session])
                 multimask = self._multimask(points, None, mask_in)
                 out = self.model.decode(emb, points=points, mask_logits=mask_in, multimask=multimask)
-                best = int(out.iou[0].argmax())
-                logits = out.low_res_logits[:, best : best + 1]
+                logits = out.kept().low_res_logits
                 pred = logits[0, 0].cpu().numpy() > 0
                 if n == 0:
                     one_d.append(dice(pred, obj))
