@@ -7,10 +7,12 @@ hypernetworks, IoU head, mask tokens) with the product's own trainer and simulat
 clicks, click sequences into the largest error with the previous logits fed back, boxes, box plus
 clicks. Opt-in variants (measured in the README): a longer click horizon (``--click-rounds``),
 size-balanced object sampling (``--balance-sizes``), a cosine rate decay (``--cosine``), three masks for a
-lone click (``--multimask``). Image embeddings are computed once. Data: the shippable labelled scans only
-(``sample-data/`` and the shippable folders of ``../shared/data``); ``mr_brats2015`` and
-``ct_lesion_deeplesion`` are never used, they are the held-out evaluation. Writes the checkpoint
-atomically plus a JSON record (data list, seed, settings, validation numbers, wall time) next to it.
+lone click (``--multimask``), more negative-click rounds (``--negative-share``), gradient clipping
+(``--grad-clip``), a warm start from earlier adapters (``--start-from``). Image embeddings are computed
+once. Data: the shippable labelled scans only (``sample-data/`` and the shippable folders of
+``../shared/data``); ``mr_brats2015`` and ``ct_lesion_deeplesion`` are never used, they are the held-out
+evaluation. Writes the checkpoint atomically plus a JSON record (data list, seed, settings, validation
+numbers, wall time) next to it.
 """
 
 from __future__ import annotations
@@ -82,19 +84,27 @@ def main() -> None:
     parser.add_argument("--cosine", action="store_true", help="cosine decay of the learning rate")
     parser.add_argument("--multimask", action="store_true",
                         help="three masks for a lone click, best one trained (measured: worse held-out 1-click Dice)")
+    parser.add_argument("--negative-share", type=float, default=0.0,
+                        help="how often the trained round is one ending in a negative click (0..1)")
+    parser.add_argument("--grad-clip", type=float, default=0.0, help="clip the gradient norm (0: off)")
+    parser.add_argument("--start-from", type=Path, default=None,
+                        help="continue from these adapters (as an active-learning round does), not the base")
     parser.add_argument("--out", type=Path, default=APP / "adapters" / "lite_medsam_clicks.pt")
     args = parser.parse_args()
     torch.manual_seed(args.seed)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     profile = replace(load_profile(APP / "configs" / "lite_medsam.toml"), adapter_checkpoint=None)
     model = AdaptedSam.from_profile(profile).to(device)
+    if args.start_from is not None:
+        AdapterCheckpoint.load(args.start_from).apply_to(model)
     model.freeze_all_but(DECODER_PARTS)
     settings = TrainSettings(
         max_epochs=args.epochs, steps_per_epoch=args.steps, batch_size=args.batch, learning_rate=args.lr,
         click_rounds=args.click_rounds, mask_only_rounds=1, box_probability=0.35, box_jitter=5, seed=args.seed,
         patience=args.patience, max_slices_per_volume=30, min_object_pixels=12, max_val_objects=96,
         train_prompt_free_head=False, multimask_single_click=args.multimask, balance_object_sizes=args.balance_sizes,
-        val_clicks=args.val_clicks, cosine_schedule=args.cosine,
+        val_clicks=args.val_clicks, cosine_schedule=args.cosine, negative_click_share=args.negative_share,
+        grad_clip_norm=args.grad_clip,
     )
     start = time.time()
     train_cases, val_cases = training_data()
@@ -104,11 +114,11 @@ def main() -> None:
     print(f"{len(train)} training slices ({sum(len(s.objects) for s in train)} objects), {len(val)} validation "
           f"slices; embeddings in {prepared:.0f} s", flush=True)
     trainer = AdapterTrainer(model, settings, device)
-    result = trainer.fit(train, val, feed_logits_before=False,
+    result = trainer.fit(train, val, feed_logits_before=args.start_from is not None,  # base: no mask prompts
                          progress=lambda e: print(json.dumps({k: round(v, 4) if isinstance(v, float) else v
                                                               for k, v in e.items()}), flush=True))
     if result.best_state is None:
-        sys.exit("no epoch beat the base model on validation; nothing written")
+        sys.exit("no epoch beat the starting model on validation; nothing written")
     with torch.no_grad():
         own = dict(model.named_parameters())
         for name, tensor in result.best_state.items():
@@ -136,7 +146,7 @@ def main() -> None:
         "images": record["train_cases"],
         "validation_images": record["validation_cases"],
         "settings": record["settings"],
-        "started_from": "base",
+        "started_from": str(args.start_from) if args.start_from else "base",
     }
     AdapterCheckpoint.from_model(model, 0, metrics).save(args.out)
     record_path = args.out.with_suffix(".json")

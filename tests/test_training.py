@@ -20,6 +20,7 @@ from lib.core.training import (
     object_weights,
     prepare_samples,
     split_volumes,
+    trained_rounds,
 )
 from lib.trainers.adapter_train import AdapterTrainTask, names_from_label_info
 
@@ -181,3 +182,32 @@ def test_a_lone_click_trains_only_the_best_of_three_masks():
     assert not trainer._multimask(click, None, torch.zeros(1, 1, 8, 8))
     off = AdapterTrainer(model, TrainSettings(multimask_single_click=False), torch.device("cpu"))
     assert not off._multimask(click, None, None)
+
+
+def test_negative_click_rounds_get_the_requested_share_of_training():
+    rng = np.random.default_rng(0)
+    negative = np.zeros((10, 2), bool)
+    negative[[3, 6], 0] = True  # object 0 had two removing clicks, object 1 none
+    drawn = np.array([1, 1])
+    picks = np.array([trained_rounds(drawn, negative, 0.5, rng) for _ in range(2000)])
+    assert set(picks[:, 1]) == {1}, "an object without a negative click keeps its drawn round"
+    assert set(picks[:, 0]) == {1, 3, 6}
+    assert np.mean(picks[:, 0] != 1) == pytest.approx(0.5, abs=0.05)
+    assert (trained_rounds(drawn, negative, 0.0, rng) == drawn).all()
+
+
+def test_a_session_trains_the_chosen_rounds_end_to_end():
+    """With every trained round a negative one when possible, a step still runs, yields a finite loss and
+    gradients for the decoder's adapters only."""
+    torch.manual_seed(0)
+    model = AdaptedSam(build_backbone("tiny"), AdapterSettings(), labels=("spleen",))
+    model.freeze_all_but(["decoder_adapters"])
+    settings = TrainSettings(max_slices_per_volume=2, click_rounds=4, negative_click_share=1.0, box_probability=0.5)
+    samples = prepare_samples(model, [SPLEEN], PreprocessSettings(), settings, torch.device("cpu"))
+    items = [(s, o) for s in samples for o in s.objects][:4]
+    loss = AdapterTrainer(model, settings, torch.device("cpu")).interactive_loss(items, np.random.default_rng(1))
+    assert torch.isfinite(loss)
+    loss.backward()
+    grads = {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+    assert grads and all(part_of(n) == "decoder_adapters" for n in grads)
+    assert any(g is not None and g.abs().sum() > 0 for g in grads.values())

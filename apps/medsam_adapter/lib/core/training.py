@@ -65,6 +65,8 @@ class TrainSettings:
     balance_object_sizes: bool = False  # draw objects evenly over size (log2 area) instead of uniformly
     val_clicks: int = 3  # validation Dice after this many clicks (with the box Dice: the score)
     cosine_schedule: bool = False  # learning rate decays to 0 over max_epochs (cosine)
+    negative_click_share: float = 0.0  # how often the trained round is one ending in a negative click
+    grad_clip_norm: float = 0.0  # clip the gradients' global norm to this (0: no clipping)
 
 
 @dataclass
@@ -256,9 +258,11 @@ class AdapterTrainer:
     def interactive_loss(self, items: list[tuple[SliceSample, np.ndarray]], rng: np.random.Generator) -> Tensor:
         """Simulated interactive session for a batch of objects (grouped by first prompt type).
 
-        The session runs to a randomly drawn round without gradients (the annotator's clicks and the
-        fed-back logits of earlier rounds), and that round is trained: every round type is learnt at
-        the cost of one backward pass per step.
+        The session runs without gradients (the annotator's clicks and the fed-back logits of earlier
+        rounds) up to a randomly drawn round, and that round is trained: every round type is learnt at
+        the cost of one backward pass per step. With ``negative_click_share``, each object's trained
+        round is, that often, one that ends with a negative click (when its session has one): removing
+        a leak is rarer than adding a miss, and is learnt too rarely otherwise.
         """
         s = self.settings
         use_box = rng.random(len(items)) < s.box_probability
@@ -274,23 +278,48 @@ class AdapterTrainer:
             boxed = bool(use_box[group[0]])
             boxes = self._box([jittered_box(o, rng, s.box_jitter) for o in gt_np]) if boxed else None
             clicks = [[] if boxed else [(*random_interior_point(o, rng), 1)] for o in gt_np]
-            trained_round = int(rng.integers(n_rounds))
+            trained = np.full(len(batch), int(rng.integers(n_rounds)))
+            horizon = n_rounds if s.negative_click_share > 0 else int(trained[0]) + 1
+            states: list[tuple[tuple[Tensor, Tensor] | None, Tensor | None]] = []  # (points, mask) per round
+            negative = np.zeros((horizon, len(batch)), dtype=bool)  # the round's new click removes
             mask_in, pred = None, None
-            for r in range(trained_round + 1):
+            for r in range(horizon):
                 if 0 < r <= s.click_rounds:
                     for b in range(len(batch)):
                         click = largest_error_click(pred[b], gt_np[b])
                         clicks[b].append((click[0], click[1], int(click[2])) if click else (0, 0, -1))
+                        negative[r, b] = click is not None and not click[2]
                 points = self._points(clicks) if clicks[0] else None
+                states.append((points, mask_in))
+                if r == horizon - 1:
+                    break
                 multimask = self._multimask(points, boxes, mask_in)
-                with torch.set_grad_enabled(r == trained_round and torch.is_grad_enabled()):
+                with torch.no_grad():
                     logits, iou_pred = self._decode_each(emb, points, boxes, mask_in, multimask)
                 # the annotator goes on from the mask inference would show: the highest predicted IoU
-                mask_in = Decoded(logits, iou_pred).kept().low_res_logits.detach()
+                mask_in = Decoded(logits, iou_pred).kept().low_res_logits
                 pred = (mask_in[:, 0] > 0).cpu().numpy()
+            if s.negative_click_share > 0:
+                trained = trained_rounds(trained, negative, s.negative_click_share, rng)
+            logits, iou_pred = self._decode_trained(emb, boxes, states, trained)
             total = total + self._round_loss(logits, iou_pred, gt)
             groups += 1
         return total / max(groups, 1)
+
+    def _decode_trained(
+        self, emb: Tensor, boxes: Tensor | None, states: list, trained: np.ndarray
+    ) -> tuple[Tensor, Tensor]:
+        """Each object's trained round, decoded with gradients (rounds may differ between objects)."""
+        logits, ious = [], []
+        for b, r in enumerate(trained):
+            points, mask_in = states[r]
+            points = (points[0][b : b + 1], points[1][b : b + 1]) if points is not None else None
+            box = boxes[b : b + 1] if boxes is not None else None
+            mask = mask_in[b : b + 1] if mask_in is not None else None
+            out, iou = self._decode_each(emb[b : b + 1], points, box, mask, self._multimask(points, box, mask))
+            logits.append(out)
+            ious.append(iou)
+        return torch.cat(logits), torch.cat(ious)
 
     def head_step_loss(self, samples: list[SliceSample]) -> Tensor | None:
         samples = [s for s in samples if s.head_target is not None]
@@ -402,6 +431,8 @@ class AdapterTrainer:
                             p.grad = torch.zeros_like(p)
                         dist.all_reduce(p.grad)
                         p.grad /= world
+                if s.grad_clip_norm > 0:
+                    torch.nn.utils.clip_grad_norm_(params, s.grad_clip_norm)
                 optimizer.step()
                 if schedule is not None:
                     schedule.step()
@@ -437,6 +468,19 @@ class AdapterTrainer:
         if val and best_state is None:
             result.notes.append("no epoch beat the starting model on validation")
         return result
+
+
+def trained_rounds(
+    drawn: np.ndarray, negative: np.ndarray, share: float, rng: np.random.Generator
+) -> np.ndarray:
+    """Each object's trained round: the drawn one, or with probability ``share`` one of the rounds whose
+    new click is negative (``negative[round, object]``) when the object's session has any."""
+    out = np.array(drawn, copy=True)
+    for b in range(negative.shape[1]):
+        removing = np.flatnonzero(negative[:, b])
+        if len(removing) and rng.random() < share:
+            out[b] = int(rng.choice(removing))
+    return out
 
 
 def object_weights(masks: Sequence[np.ndarray]) -> np.ndarray:
