@@ -224,16 +224,22 @@ class AdapterTrainer:
         of different slices is decoded item by item."""
         logits, ious = [], []
         for b in range(emb.shape[0]):
-            out = self.model.decode(
-                emb[b : b + 1],
-                points=(points[0][b : b + 1], points[1][b : b + 1]) if points is not None else None,
-                boxes=boxes[b : b + 1] if boxes is not None else None,
-                mask_logits=masks[b : b + 1] if masks is not None else None,
-                multimask=multimask,
-            )
+            p, box, mask = self._item(b, points, boxes, masks)
+            out = self.model.decode(emb[b : b + 1], points=p, boxes=box, mask_logits=mask, multimask=multimask)
             logits.append(out.low_res_logits)
             ious.append(out.iou)
         return torch.cat(logits), torch.cat(ious)
+
+    @staticmethod
+    def _item(
+        b: int, points: tuple[Tensor, Tensor] | None, boxes: Tensor | None, masks: Tensor | None
+    ) -> tuple[tuple[Tensor, Tensor] | None, Tensor | None, Tensor | None]:
+        """Item ``b``'s prompts (points, box, mask logits) out of a batch's."""
+        return (
+            (points[0][b : b + 1], points[1][b : b + 1]) if points is not None else None,
+            boxes[b : b + 1] if boxes is not None else None,
+            masks[b : b + 1] if masks is not None else None,
+        )
 
     def _multimask(self, points: tuple[Tensor, Tensor] | None, boxes: Tensor | None, masks: Tensor | None) -> bool:
         """Whether this prompt gets three masks (as :class:`SlicePredictor` decides for trained adapters)."""
@@ -313,12 +319,12 @@ class AdapterTrainer:
         logits, ious = [], []
         for b, r in enumerate(trained):
             points, mask_in = states[r]
-            points = (points[0][b : b + 1], points[1][b : b + 1]) if points is not None else None
-            box = boxes[b : b + 1] if boxes is not None else None
-            mask = mask_in[b : b + 1] if mask_in is not None else None
-            out, iou = self._decode_each(emb[b : b + 1], points, box, mask, self._multimask(points, box, mask))
-            logits.append(out)
-            ious.append(iou)
+            p, box, mask = self._item(b, points, boxes, mask_in)
+            out = self.model.decode(
+                emb[b : b + 1], points=p, boxes=box, mask_logits=mask, multimask=self._multimask(p, box, mask)
+            )
+            logits.append(out.low_res_logits)
+            ious.append(out.iou)
         return torch.cat(logits), torch.cat(ious)
 
     def head_step_loss(self, samples: list[SliceSample]) -> Tensor | None:
