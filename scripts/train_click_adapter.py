@@ -2,14 +2,15 @@
 
     .venv/bin/python scripts/train_click_adapter.py [--epochs 24] [--steps 120] [--out PATH]
 
-Trains only the decoder-side adapters and heads (mask decoder adapters, output upscaling,
+By default trains only the decoder-side adapters and heads (mask decoder adapters, output upscaling,
 hypernetworks, IoU head, mask tokens) with the product's own trainer and simulated annotator: single
 clicks, click sequences into the largest error with the previous logits fed back, boxes, box plus
 clicks. Opt-in variants (measured in the README): a longer click horizon (``--click-rounds``),
 size-balanced object sampling (``--balance-sizes``), a cosine rate decay (``--cosine``), three masks for a
 lone click (``--multimask``), more negative-click rounds (``--negative-share``), gradient clipping
-(``--grad-clip``), a warm start from earlier adapters (``--start-from``). Image embeddings are computed
-once. Data: the shippable labelled scans only (``sample-data/`` and the shippable folders of
+(``--grad-clip``), a warm start from earlier adapters (``--start-from``), the image encoder's adapters
+trained too (``--encoder-adapters``; image embeddings are then recomputed at every step, otherwise
+once). Data: the shippable labelled scans only (``sample-data/`` and the shippable folders of
 ``../shared/data``); ``mr_brats2015`` and ``ct_lesion_deeplesion`` are never used, they are the held-out
 evaluation. Writes the checkpoint atomically plus a JSON record (data list, seed, settings, validation
 numbers, wall time) next to it.
@@ -89,6 +90,8 @@ def main() -> None:
     parser.add_argument("--grad-clip", type=float, default=0.0, help="clip the gradient norm (0: off)")
     parser.add_argument("--start-from", type=Path, default=None,
                         help="continue from these adapters (as an active-learning round does), not the base")
+    parser.add_argument("--encoder-adapters", action="store_true",
+                        help="train the image encoder's adapters too (slow on CPU: embeddings every step)")
     parser.add_argument("--out", type=Path, default=APP / "adapters" / "lite_medsam_clicks.pt")
     args = parser.parse_args()
     torch.manual_seed(args.seed)
@@ -97,14 +100,15 @@ def main() -> None:
     model = AdaptedSam.from_profile(profile).to(device)
     if args.start_from is not None:
         AdapterCheckpoint.load(args.start_from).apply_to(model)
-    model.freeze_all_but(DECODER_PARTS)
+    parts = DECODER_PARTS + (["encoder_adapters"] if args.encoder_adapters else [])
+    model.freeze_all_but(parts)
     settings = TrainSettings(
         max_epochs=args.epochs, steps_per_epoch=args.steps, batch_size=args.batch, learning_rate=args.lr,
         click_rounds=args.click_rounds, mask_only_rounds=1, box_probability=0.35, box_jitter=5, seed=args.seed,
         patience=args.patience, max_slices_per_volume=30, min_object_pixels=12, max_val_objects=96,
         train_prompt_free_head=False, multimask_single_click=args.multimask, balance_object_sizes=args.balance_sizes,
         val_clicks=args.val_clicks, cosine_schedule=args.cosine, negative_click_share=args.negative_share,
-        grad_clip_norm=args.grad_clip,
+        grad_clip_norm=args.grad_clip, train_encoder_adapters=args.encoder_adapters,
     )
     start = time.time()
     train_cases, val_cases = training_data()
@@ -114,9 +118,30 @@ def main() -> None:
     print(f"{len(train)} training slices ({sum(len(s.objects) for s in train)} objects), {len(val)} validation "
           f"slices; embeddings in {prepared:.0f} s", flush=True)
     trainer = AdapterTrainer(model, settings, device)
+    common = {
+        "command": "python scripts/train_click_adapter.py " + " ".join(sys.argv[1:]),
+        "train_cases": [f"{c.source}/{c.case_id}" for c in train_cases],
+        "validation_cases": [f"{c.source}/{c.case_id}" for c in val_cases],
+        "held_out_never_used": list(HELD_OUT),
+        "train_slices": len(train),
+        "train_objects": sum(len(s.objects) for s in train),
+        "trained_parts": parts,
+        "settings": asdict(settings),
+    }
+    history: list[dict] = []
+
+    def on_epoch(entry: dict) -> None:
+        """Print the epoch; a new best is written at once (a stopped run keeps its best epoch)."""
+        print(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in entry.items()}), flush=True)
+        history.append(entry)
+        if entry["best_epoch"] == entry["epoch"]:
+            after = {k: entry[k] for k in ("objects", "box_dice", "click1_dice", f"click{args.val_clicks}_dice",
+                                           "auto_dice", "score") if k in entry}
+            save(args.out, model, {**common, "finished": False, "validation_after": after, "history": history},
+                 args.start_from, settings)
+
     result = trainer.fit(train, val, feed_logits_before=args.start_from is not None,  # base: no mask prompts
-                         progress=lambda e: print(json.dumps({k: round(v, 4) if isinstance(v, float) else v
-                                                              for k, v in e.items()}), flush=True))
+                         progress=on_epoch)
     if result.best_state is None:
         sys.exit("no epoch beat the starting model on validation; nothing written")
     with torch.no_grad():
@@ -124,38 +149,37 @@ def main() -> None:
         for name, tensor in result.best_state.items():
             own[name].copy_(tensor)
     record = {
-        "command": "python scripts/train_click_adapter.py " + " ".join(sys.argv[1:]),
-        "train_cases": [f"{c.source}/{c.case_id}" for c in train_cases],
-        "validation_cases": [f"{c.source}/{c.case_id}" for c in val_cases],
-        "held_out_never_used": list(HELD_OUT),
-        "train_slices": len(train),
-        "train_objects": sum(len(s.objects) for s in train),
-        "trained_parts": DECODER_PARTS,
-        "settings": asdict(settings),
+        **common,
+        "finished": True,
         "validation_before": result.before,
         "validation_after": result.after,
         "history": result.history,
         **run_summary(result, model, device, start, prepared),
     }
+    save(args.out, model, record, args.start_from, settings)
+    print(json.dumps({k: record[k] for k in ("validation_before", "validation_after", "best_epoch", "wall_seconds")},
+                     indent=2))
+    print(f"wrote {args.out} ({args.out.stat().st_size / 1e6:.1f} MB) and {args.out.with_suffix('.json')}")
+
+
+def save(out: Path, model: AdaptedSam, record: dict, started_from: Path | None, settings: TrainSettings) -> None:
+    """The adapters (atomically, fingerprinted to the base) and their JSON record next to them."""
     metrics = {
         "trained_with_mask_prompts": True,
         "trained_multimask_single_click": settings.multimask_single_click,
         "prompt_free_head_trained": False,
-        "before": result.before,
-        "after": result.after,
+        "before": record.get("validation_before", {}),
+        "after": record["validation_after"],
         "images": record["train_cases"],
         "validation_images": record["validation_cases"],
         "settings": record["settings"],
-        "started_from": str(args.start_from) if args.start_from else "base",
+        "started_from": str(started_from) if started_from else "base",
     }
-    AdapterCheckpoint.from_model(model, 0, metrics).save(args.out)
-    record_path = args.out.with_suffix(".json")
+    AdapterCheckpoint.from_model(model, 0, metrics).save(out)
+    record_path = out.with_suffix(".json")
     tmp = record_path.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(record, indent=2) + "\n")
     tmp.replace(record_path)
-    print(json.dumps({k: record[k] for k in ("validation_before", "validation_after", "best_epoch", "wall_seconds")},
-                     indent=2))
-    print(f"wrote {args.out} ({args.out.stat().st_size / 1e6:.1f} MB) and {record_path}")
 
 
 if __name__ == "__main__":
