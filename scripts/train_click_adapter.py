@@ -135,8 +135,9 @@ def main() -> None:
         print(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in entry.items()}), flush=True)
         history.append(entry)
         if entry["best_epoch"] == entry["epoch"]:
-            after = {k: entry[k] for k in ("objects", "box_dice", "click1_dice", f"click{args.val_clicks}_dice",
-                                           "auto_dice", "score") if k in entry}
+            # the entry is the epoch's validation metrics plus the trainer's progress bookkeeping
+            after = {k: v for k, v in entry.items() if k not in ("epoch", "loss", "total_epochs", "best_metric",
+                                                                  "best_epoch")}
             save(args.out, model, {**common, "finished": False, "validation_after": after, "history": history},
                  args.start_from, settings)
 

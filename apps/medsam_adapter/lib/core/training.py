@@ -213,19 +213,17 @@ class AdapterTrainer:
         return torch.tensor(out, dtype=torch.float32, device=self.device)
 
     def _decode_each(
-        self,
-        emb: Tensor,
-        points: tuple[Tensor, Tensor] | None,
-        boxes: Tensor | None,
-        masks: Tensor | None,
-        multimask: bool = False,
+        self, emb: Tensor, boxes: Tensor | None, prompts: Sequence[tuple[tuple[Tensor, Tensor] | None, Tensor | None]]
     ) -> tuple[Tensor, Tensor]:
-        """SAM's decoder takes one image embedding per call (it repeats it for every prompt), so a batch
-        of different slices is decoded item by item."""
+        """Item ``b`` decoded with its box and ``prompts[b]``: (points, mask logits) of a batch, of which it
+        takes row ``b``. SAM's decoder takes one image embedding per call (it repeats it for every
+        prompt), so a batch of different slices is decoded item by item."""
         logits, ious = [], []
-        for b in range(emb.shape[0]):
+        for b, (points, masks) in enumerate(prompts):
             p, box, mask = self._item(b, points, boxes, masks)
-            out = self.model.decode(emb[b : b + 1], points=p, boxes=box, mask_logits=mask, multimask=multimask)
+            out = self.model.decode(
+                emb[b : b + 1], points=p, boxes=box, mask_logits=mask, multimask=self._multimask(p, box, mask)
+            )
             logits.append(out.low_res_logits)
             ious.append(out.iou)
         return torch.cat(logits), torch.cat(ious)
@@ -299,33 +297,18 @@ class AdapterTrainer:
                 states.append((points, mask_in))
                 if r == horizon - 1:
                     break
-                multimask = self._multimask(points, boxes, mask_in)
                 with torch.no_grad():
-                    logits, iou_pred = self._decode_each(emb, points, boxes, mask_in, multimask)
+                    logits, iou_pred = self._decode_each(emb, boxes, [(points, mask_in)] * len(batch))
                 # the annotator goes on from the mask inference would show: the highest predicted IoU
                 mask_in = Decoded(logits, iou_pred).kept().low_res_logits
                 pred = (mask_in[:, 0] > 0).cpu().numpy()
             if s.negative_click_share > 0:
                 trained = trained_rounds(trained, negative, s.negative_click_share, rng)
-            logits, iou_pred = self._decode_trained(emb, boxes, states, trained)
+            # each object's trained round, decoded with gradients (rounds may differ between objects)
+            logits, iou_pred = self._decode_each(emb, boxes, [states[r] for r in trained])
             total = total + self._round_loss(logits, iou_pred, gt)
             groups += 1
         return total / max(groups, 1)
-
-    def _decode_trained(
-        self, emb: Tensor, boxes: Tensor | None, states: list, trained: np.ndarray
-    ) -> tuple[Tensor, Tensor]:
-        """Each object's trained round, decoded with gradients (rounds may differ between objects)."""
-        logits, ious = [], []
-        for b, r in enumerate(trained):
-            points, mask_in = states[r]
-            p, box, mask = self._item(b, points, boxes, mask_in)
-            out = self.model.decode(
-                emb[b : b + 1], points=p, boxes=box, mask_logits=mask, multimask=self._multimask(p, box, mask)
-            )
-            logits.append(out.low_res_logits)
-            ious.append(out.iou)
-        return torch.cat(logits), torch.cat(ious)
 
     def head_step_loss(self, samples: list[SliceSample]) -> Tensor | None:
         samples = [s for s in samples if s.head_target is not None]
