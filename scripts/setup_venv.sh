@@ -12,7 +12,18 @@ if [[ -x "$venv/bin/python" && -f "$stamp" && "$(cat "$stamp")" == "$want" ]]; t
   exit 0
 fi
 echo "setup_venv: installing the environment into $venv (first run takes a few minutes)" >&2
-[[ -x "$venv/bin/python" ]] || "${PYTHON:-python3}" -m venv "$venv"
+if [[ ! -x "$venv/bin/python" ]]; then
+  # a fresh install: PyPI's torch brings the CUDA libraries (the venv is about 7 GB); fail now, not mid-download
+  need_gb=8
+  [[ -z "${TORCH_INDEX_URL:-}" ]] || need_gb=3
+  free_gb=$(( $(df -Pk "$root" | awk 'NR == 2 {print $4}') / 1048576 ))
+  if (( free_gb < need_gb )); then
+    echo "setup_venv: $free_gb GB free on the disk of $root; the environment needs about $need_gb GB." >&2
+    echo "setup_venv: free some space (or see 'Installing torch' in README.md for the smaller CPU-only torch)." >&2
+    exit 1
+  fi
+  "${PYTHON:-python3}" -m venv "$venv"
+fi
 pip=("$venv/bin/python" -m pip install -q --disable-pip-version-check)
 "${pip[@]}" -q --upgrade "pip>=24"
 if [[ -n "${TORCH_INDEX_URL:-}" ]]; then
