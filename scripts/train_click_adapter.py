@@ -139,7 +139,7 @@ def main() -> None:
             after = {k: v for k, v in entry.items() if k not in ("epoch", "loss", "total_epochs", "best_metric",
                                                                   "best_epoch")}
             save(args.out, model, {**common, "finished": False, "validation_after": after, "history": history},
-                 args.start_from, settings)
+                 args.start_from)
 
     result = trainer.fit(train, val, feed_logits_before=args.start_from is not None,  # base: no mask prompts
                          progress=on_epoch)
@@ -157,17 +157,17 @@ def main() -> None:
         "history": result.history,
         **run_summary(result, model, device, start, prepared),
     }
-    save(args.out, model, record, args.start_from, settings)
+    save(args.out, model, record, args.start_from)
     print(json.dumps({k: record[k] for k in ("validation_before", "validation_after", "best_epoch", "wall_seconds")},
                      indent=2))
     print(f"wrote {args.out} ({args.out.stat().st_size / 1e6:.1f} MB) and {args.out.with_suffix('.json')}")
 
 
-def save(out: Path, model: AdaptedSam, record: dict, started_from: Path | None, settings: TrainSettings) -> None:
+def save(out: Path, model: AdaptedSam, record: dict, started_from: Path | None) -> None:
     """The adapters (atomically, fingerprinted to the base) and their JSON record next to them."""
     metrics = {
         "trained_with_mask_prompts": True,
-        "trained_multimask_single_click": settings.multimask_single_click,
+        "trained_multimask_single_click": record["settings"]["multimask_single_click"],
         "prompt_free_head_trained": False,
         "before": record.get("validation_before", {}),
         "after": record["validation_after"],
