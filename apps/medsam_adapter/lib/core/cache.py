@@ -59,6 +59,11 @@ class EmbeddingCache:
             self.misses += 1
         return value, False
 
+    def contains(self, fingerprint: str, key: Hashable) -> bool:
+        """Whether the entry is cached (does not count as a use)."""
+        with self._lock:
+            return (fingerprint, key) in self._items
+
     def _put(self, full: tuple[str, Hashable], value: Tensor) -> None:
         size = value.element_size() * value.nelement()
         with self._lock:

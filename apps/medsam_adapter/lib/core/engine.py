@@ -260,6 +260,32 @@ class InteractiveSegmenter:
             with_logits=inf.propagate_with_logits,
         )
 
+    # -- serving queries (lib/serving: scheduling and prefetch) ------------------------------------
+    def has_embedding(self, path: str | Path, k: int, window: str | None = None, axis: int = 2) -> bool:
+        """Whether slice ``k`` of the image at ``path`` is loaded with its embedding cached for the served
+        encoder, so a prompt on it costs only the decoder. Never loads, windows or encodes anything."""
+        volume = self.volumes.peek(path)
+        loaded = self._loaded
+        if volume is None or loaded is None or not 0 <= k < volume.shape[axis]:
+            return False
+        win = volume.derived.get(("window", self.profile.preprocessing, window))
+        if win is None:
+            return False
+        view = SliceView.from_affine(volume.affine, axis)
+        return self.predictor(loaded).is_embedded(view.slice(volume.array, k), win, view.spacing)
+
+    def prefetch(self, path: str | Path, k: int, window: str | None = None, axis: int = 2) -> bool:
+        """Put slice ``k``'s embedding into the cache (as a prompt on it would); True when it was encoded
+        now, False when it was cached already or ``k`` lies outside the volume."""
+        volume = self.volumes.get(path)
+        if not 0 <= k < volume.shape[axis]:
+            return False
+        view = SliceView.from_affine(volume.affine, axis)
+        _, _, cached, _ = self.predictor(self.current()).embed(
+            view.slice(volume.array, k), self.window(volume, window), view.spacing
+        )
+        return not cached
+
     # -- requests ---------------------------------------------------------------------------------
     def segment(
         self,

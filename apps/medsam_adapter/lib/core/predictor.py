@@ -60,12 +60,23 @@ class SlicePredictor:
     def frame(self, image: np.ndarray, spacing: tuple[float, float] = (1.0, 1.0)) -> LetterboxFrame:
         return LetterboxFrame.fit(image.shape, self.model.img_size, spacing)
 
+    def embedding_key(self, image: np.ndarray, window: IntensityWindow, frame: LetterboxFrame) -> str:
+        """The embedding cache key of a raw-intensity slice (its content plus what changes the encoding)."""
+        return content_key(image, window.key(), self.preprocessing.per_slice_minmax, frame, self.model.backbone_name)
+
+    def is_embedded(
+        self, image: np.ndarray, window: IntensityWindow, spacing: tuple[float, float] = (1.0, 1.0)
+    ) -> bool:
+        """Whether the slice's embedding is cached for this model's encoder (computes nothing)."""
+        key = self.embedding_key(image, window, self.frame(image, spacing))
+        return self.cache.contains(self.loaded.encoder_fingerprint, key)
+
     def embed(
         self, image: np.ndarray, window: IntensityWindow, spacing: tuple[float, float] = (1.0, 1.0)
     ) -> tuple[Tensor, LetterboxFrame, bool, float]:
         """Embedding of a raw-intensity slice: (embedding, frame, was_cached, milliseconds)."""
         frame = self.frame(image, spacing)
-        key = content_key(image, window.key(), self.preprocessing.per_slice_minmax, frame, self.model.backbone_name)
+        key = self.embedding_key(image, window, frame)
 
         def compute() -> Tensor:
             x = normalize_slice(image, window, self.preprocessing.per_slice_minmax)

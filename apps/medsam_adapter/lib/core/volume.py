@@ -219,6 +219,16 @@ class VolumeCache:
                     self._bytes -= old.array.nbytes
         return volume
 
+    def peek(self, path: str | Path) -> Volume | None:
+        """The volume when it is loaded already (never reads the file)."""
+        path = Path(path)
+        try:
+            st = path.stat()
+        except OSError:
+            return None
+        with self._lock:
+            return self._items.get((str(path.resolve()), st.st_size, st.st_mtime_ns))
+
     @property
     def nbytes(self) -> int:
         return self._bytes

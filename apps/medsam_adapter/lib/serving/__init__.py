@@ -1,0 +1,1 @@
+"""Serving: scheduling inference off the event loop, prefetching embeddings, encoder runtimes."""

@@ -1,0 +1,278 @@
+"""Inference off the event loop: priority classes, round-robin between clients, bounded queues.
+
+Jobs are plain callables run by worker threads. A job waits in the queue of its priority class;
+within a class every client has its own FIFO and the clients take turns (round robin), so one
+client's burst never starves another. Workers always take the most urgent class first:
+
+    CLICK         a prompt on a slice whose embedding is cached (decoder only, tens of ms)
+    FIRST_PROMPT  a prompt on a slice that needs its encoder pass
+    VOLUME        3D propagation, DeepEdit and automatic (every slice)
+    PREFETCH      background encodes of slices a client is likely to open next
+
+``general_workers`` threads take any class; the optional click lane is one more thread that only
+takes CLICK jobs, so a cached click never waits behind a running encoder pass or 3D propagation. A
+PREFETCH job starts only when nothing else runs or waits (real requests pause the prefetch; a
+running encode is not interrupted). Queues are bounded: a full interactive queue (or a client's own
+share of it) rejects the job with :class:`Overloaded` (HTTP 503 with Retry-After), a full prefetch
+queue drops its oldest job. Plain Python, no web framework: the HTTP side is ``infer_route``.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import threading
+import time
+from collections import OrderedDict, deque
+from collections.abc import Callable, Hashable
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from enum import IntEnum
+from typing import Any
+
+logger = logging.getLogger(__name__)
+
+
+class Priority(IntEnum):
+    CLICK = 0
+    FIRST_PROMPT = 1
+    VOLUME = 2
+    PREFETCH = 3
+
+
+INTERACTIVE = (Priority.CLICK, Priority.FIRST_PROMPT, Priority.VOLUME)
+
+
+class Overloaded(RuntimeError):
+    """The queue is full; ``retry_after`` is a guess in whole seconds of when there will be room."""
+
+    def __init__(self, message: str, retry_after: int) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+class ServingConfigError(ValueError):
+    """A ``--conf`` serving option has a value that cannot be used."""
+
+
+def _flag(conf: dict[str, str], key: str, default: bool) -> bool:
+    value = str(conf.get(key, default)).strip().lower()
+    if value in ("true", "1", "yes", "on"):
+        return True
+    if value in ("false", "0", "no", "off"):
+        return False
+    raise ServingConfigError(f"--conf {key}: expected true or false, got {conf[key]!r}")
+
+
+def _int(conf: dict[str, str], key: str, default: int, low: int, high: int) -> int:
+    raw = conf.get(key, default)
+    try:
+        value = int(str(raw).strip())
+    except ValueError:
+        raise ServingConfigError(f"--conf {key}: expected a whole number, got {raw!r}") from None
+    if not low <= value <= high:
+        raise ServingConfigError(f"--conf {key}: must be between {low} and {high}, got {value}")
+    return value
+
+
+@dataclass(frozen=True)
+class SchedulerSettings:
+    """``--conf`` options of the serving layer, parsed once (see :meth:`from_conf`)."""
+
+    enabled: bool = True  # scheduler: false serves MONAI Label's own /infer (serial, in the event loop)
+    general_workers: int = 1  # scheduler_workers: threads that run any job (2 CPU cores: one encoder at a time)
+    click_lane: bool = True  # scheduler_click_lane: one more thread for decoder-only clicks
+    queue_limit: int = 32  # scheduler_queue_limit: interactive jobs waiting, all clients together
+    client_queue_limit: int = 8  # scheduler_client_queue_limit: interactive jobs waiting per client
+    prefetch_slices: int = 2  # prefetch_slices: neighbours encoded each side of a prompted slice (0: off)
+    prefetch_queue_limit: int = 64  # prefetch_queue_limit: background jobs waiting (oldest dropped)
+    prefetch_on_open: bool = False  # prefetch_on_open: a client's first prompt on an image encodes it all
+    torch_threads: int = 0  # scheduler_torch_threads: torch intra-op threads (0: leave torch's default)
+
+    @classmethod
+    def from_conf(cls, conf: dict[str, str] | None) -> SchedulerSettings:
+        conf = dict(conf or {})
+        d = cls()
+        return cls(
+            enabled=_flag(conf, "scheduler", d.enabled),
+            general_workers=_int(conf, "scheduler_workers", d.general_workers, 1, 64),
+            click_lane=_flag(conf, "scheduler_click_lane", d.click_lane),
+            queue_limit=_int(conf, "scheduler_queue_limit", d.queue_limit, 1, 100_000),
+            client_queue_limit=_int(conf, "scheduler_client_queue_limit", d.client_queue_limit, 1, 100_000),
+            prefetch_slices=_int(conf, "prefetch_slices", d.prefetch_slices, 0, 64),
+            prefetch_queue_limit=_int(conf, "prefetch_queue_limit", d.prefetch_queue_limit, 1, 100_000),
+            prefetch_on_open=_flag(conf, "prefetch_on_open", d.prefetch_on_open),
+            torch_threads=_int(conf, "scheduler_torch_threads", d.torch_threads, 0, 1024),
+        )
+
+
+@dataclass
+class Job:
+    fn: Callable[[], Any]
+    priority: Priority
+    client: str
+    key: Hashable | None = None  # background jobs: one queued job per key
+    future: Future = field(default_factory=Future)
+    queued_at: float = field(default_factory=time.perf_counter)
+
+
+class InferenceScheduler:
+    """Worker threads fed from per-class, per-client queues (see the module doc). Threads start with
+    the first job, not in the constructor."""
+
+    def __init__(self, settings: SchedulerSettings) -> None:
+        self.settings = settings
+        self._queues: dict[Priority, OrderedDict[str, deque[Job]]] = {p: OrderedDict() for p in Priority}
+        self._background_keys: dict[Hashable, Job] = {}
+        self._cond = threading.Condition()
+        self._threads: list[threading.Thread] = []
+        self._running: dict[Priority, int] = {p: 0 for p in Priority}
+        self._closed = False
+        self._service_s: dict[Priority, float] = {p: 0.5 for p in Priority}  # moving average, for Retry-After
+        self.counts = {"done": 0, "failed": 0, "rejected": 0, "dropped": 0}
+
+    # -- submitting -------------------------------------------------------------------------------
+    def submit(self, priority: Priority, client: str, fn: Callable[[], Any], key: Hashable | None = None) -> Future:
+        """Queue ``fn``; its future holds the result or the exception. Raises :class:`Overloaded` when
+        an interactive queue is full. Background jobs with a ``key`` already queued are not added twice."""
+        job = Job(fn, Priority(priority), client, key)
+        with self._cond:
+            if self._closed:
+                raise Overloaded("the server is shutting down", 5)
+            self._start_threads()
+            if job.priority == Priority.PREFETCH:
+                if key is not None and key in self._background_keys:
+                    return self._background_keys[key].future
+                while self._waiting((Priority.PREFETCH,)) >= self.settings.prefetch_queue_limit:
+                    self._drop_oldest_background()
+                if key is not None:
+                    self._background_keys[key] = job
+            else:
+                waiting = self._waiting(INTERACTIVE)
+                mine = sum(len(q.get(client, ())) for p, q in self._queues.items() if p in INTERACTIVE)
+                if waiting >= self.settings.queue_limit or mine >= self.settings.client_queue_limit:
+                    self.counts["rejected"] += 1
+                    which = "the server's" if waiting >= self.settings.queue_limit else f"client {client!r}'s"
+                    raise Overloaded(
+                        f"{which} inference queue is full ({waiting} waiting); try again shortly",
+                        self._retry_after(waiting),
+                    )
+            self._queues[job.priority].setdefault(client, deque()).append(job)
+            self._cond.notify_all()
+        return job.future
+
+    def drop_background(self, client: str | None = None) -> int:
+        """Remove queued background jobs (of one client, or all); returns how many were dropped."""
+        with self._cond:
+            queues = self._queues[Priority.PREFETCH]
+            clients = [client] if client is not None else list(queues)
+            dropped = 0
+            for c in clients:
+                for job in queues.pop(c, ()):
+                    self._forget(job)
+                    job.future.cancel()
+                    dropped += 1
+            self.counts["dropped"] += dropped
+            return dropped
+
+    def stats(self) -> dict[str, Any]:
+        with self._cond:
+            return {
+                "waiting": {p.name.lower(): self._waiting((p,)) for p in Priority},
+                "running": {p.name.lower(): n for p, n in self._running.items()},
+                "workers": self.settings.general_workers + int(self.settings.click_lane),
+                **self.counts,
+            }
+
+    def close(self) -> None:
+        """Stop taking jobs; queued ones are cancelled, running ones finish."""
+        with self._cond:
+            self._closed = True
+            for queues in self._queues.values():
+                for jobs in queues.values():
+                    for job in jobs:
+                        job.future.cancel()
+                queues.clear()
+            self._background_keys.clear()
+            self._cond.notify_all()
+
+    # -- internals (call with self._cond held) ---------------------------------------------------
+    def _waiting(self, priorities: tuple[Priority, ...]) -> int:
+        return sum(len(jobs) for p in priorities for jobs in self._queues[p].values())
+
+    def _retry_after(self, waiting: int) -> int:
+        per_job = max(self._service_s[p] for p in INTERACTIVE)
+        return max(1, math.ceil(waiting * per_job / self.settings.general_workers))
+
+    def _forget(self, job: Job) -> None:
+        if job.key is not None and self._background_keys.get(job.key) is job:
+            del self._background_keys[job.key]
+
+    def _drop_oldest_background(self) -> None:
+        queues = self._queues[Priority.PREFETCH]
+        oldest = min(queues, key=lambda c: queues[c][0].queued_at)
+        job = queues[oldest].popleft()
+        if not queues[oldest]:
+            del queues[oldest]
+        self._forget(job)
+        job.future.cancel()
+        self.counts["dropped"] += 1
+
+    def _take(self, click_lane: bool) -> Job | None:
+        allowed = (Priority.CLICK,) if click_lane else tuple(Priority)
+        for priority in allowed:
+            queues = self._queues[priority]
+            if not queues:
+                continue
+            if priority == Priority.PREFETCH and (any(self._running.values()) or self._waiting(INTERACTIVE)):
+                return None  # background work waits until the server is idle
+            client, jobs = next(iter(queues.items()))
+            job = jobs.popleft()
+            if jobs:
+                queues.move_to_end(client)  # round robin: this client goes behind the others
+            else:
+                del queues[client]
+            self._forget(job)
+            return job
+        return None
+
+    def _start_threads(self) -> None:
+        if self._threads:
+            return
+        lanes = [False] * self.settings.general_workers + ([True] if self.settings.click_lane else [])
+        if self.settings.torch_threads:
+            import torch
+
+            torch.set_num_threads(self.settings.torch_threads)
+        for n, click_lane in enumerate(lanes):
+            name = "infer-click" if click_lane else f"infer-{n}"
+            thread = threading.Thread(target=self._work, args=(click_lane,), name=name, daemon=True)
+            thread.start()
+            self._threads.append(thread)
+
+    def _work(self, click_lane: bool) -> None:
+        while True:
+            with self._cond:
+                job = self._take(click_lane)
+                while job is None and not self._closed:
+                    self._cond.wait()
+                    job = self._take(click_lane)
+                if job is None:
+                    return
+                self._running[job.priority] += 1
+            started = time.perf_counter()
+            ok = False
+            try:
+                if job.future.set_running_or_notify_cancel():
+                    try:
+                        job.future.set_result(job.fn())
+                        ok = True
+                    except BaseException as e:  # noqa: BLE001 - handed to the waiting request
+                        job.future.set_exception(e)
+            finally:
+                with self._cond:
+                    self._running[job.priority] -= 1
+                    took = time.perf_counter() - started
+                    self._service_s[job.priority] = 0.8 * self._service_s[job.priority] + 0.2 * took
+                    self.counts["done" if ok else "failed"] += 1
+                    self._cond.notify_all()
