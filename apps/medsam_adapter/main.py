@@ -10,6 +10,8 @@ Options (``--conf KEY VALUE``):
   max_upload_mb        largest accepted upload (image, label, request body) in MiB (default 2048);
                        bodies above it get HTTP 413 when served through lib.server (scripts/serve.sh)
   auto_train_after     start a training round after this many newly saved labels (0, default: off)
+  ohif_dicomweb        with a local --studies folder: the DICOMweb server the bundled OHIF reads the
+                       images from (named by SeriesInstanceUID in the folder), through /ohif-dicomweb/
   train_<option>       server-side default of a train option (e.g. train_max_epochs 5), used when a
                        request leaves it out (OHIF's "Update Model" sends nothing)
 """
@@ -35,6 +37,7 @@ from lib.core.config import ModelProfile, ProfileError, load_profiles
 from lib.core.engine import InteractiveSegmenter
 from lib.datastore import GuardedDatastore, max_upload_mb
 from lib.infers.tasks import AutoTask, DeepEditTask, PromptedTask
+from lib.ohif import note_infer_answer
 from lib.trainers.adapter_train import AdapterTrainTask, write_json_atomic
 
 logger = logging.getLogger(__name__)
@@ -185,4 +188,6 @@ class MedSamAdapterApp(MONAILabelApp):
         uploaded = Path(image).is_file() and Path(image).resolve().parent == Path(tempfile.gettempdir()).resolve()
         if not uploaded and image not in store.list_images():
             raise HTTPException(status_code=404, detail=f"unknown image {image!r}")
-        return super().infer(request, datastore)
+        result = super().infer(request, datastore)
+        note_infer_answer(model, image, result)  # the answer's X-Model-Version header (lib/ohif.py)
+        return result

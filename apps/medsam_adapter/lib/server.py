@@ -38,6 +38,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 
 from lib.datastore import max_upload_mb
+from lib.ohif import install as install_ohif
 from lib.serving.infer_route import install as install_serving
 
 Scope = MutableMapping[str, Any]
@@ -198,5 +199,6 @@ if settings.MONAI_LABEL_AUTH_ENABLE:
     app.dependency_overrides[auth.get_current_user] = verified_user
 # inference in scheduler worker threads, not in the event loop (--conf scheduler false: MONAI Label's own)
 install_serving(app, settings.MONAI_LABEL_APP_CONF)
+install_ohif(app)  # OHIF: Save Label, status line, raw labelmaps, X-Model-Version (lib/ohif.py)
 
 __all__ = ["app", "RequestGuard", "json_field_problem", "max_upload_mb"]
