@@ -20,6 +20,7 @@ import asyncio
 import json
 import logging
 import threading
+import time
 from collections import OrderedDict
 from dataclasses import dataclass
 from functools import partial
@@ -32,6 +33,7 @@ from monailabel.endpoints.user.auth import RBAC, User
 from monailabel.interfaces.utils.app import app_instance
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
+from starlette.responses import Response
 
 from lib.core.engine import InteractiveSegmenter
 from lib.core.prompts import PromptError, choose_slice, parse_prompts, parse_slice
@@ -182,6 +184,7 @@ def install(app: FastAPI, conf: dict[str, str] | None) -> Serving | None:
     @router.post("/infer/{model}", include_in_schema=False)
     async def scheduled_inference(
         request: Request,
+        response: Response,
         background_tasks: BackgroundTasks,
         model: str,
         image: str = "",
@@ -194,9 +197,12 @@ def install(app: FastAPI, conf: dict[str, str] | None) -> Serving | None:
     ) -> Any:
         plan = serving.plan(model, image, params, file is not None or bool(session_id), user, request)
         handle = partial(run_inference, background_tasks, model, image, session_id, params, file, label, output)
+        timing: dict[str, float] = {"submitted": time.perf_counter()}
 
         def job() -> Any:
+            timing["started"] = time.perf_counter()
             result = handle()
+            timing["ran"] = time.perf_counter() - timing["started"]
             try:
                 serving.after(plan, model, image)
             except Exception:  # noqa: BLE001 - prefetch is an optimisation; the answer stands
@@ -207,7 +213,14 @@ def install(app: FastAPI, conf: dict[str, str] | None) -> Serving | None:
             future = serving.scheduler.submit(plan.priority, plan.client, job)
         except Overloaded as e:
             raise HTTPException(status_code=503, detail=str(e), headers={"Retry-After": str(e.retry_after)}) from None
-        return await asyncio.wrap_future(future)
+        result = await asyncio.wrap_future(future)
+        # where the time went, for clients and benchmarks (the body is MONAI Label's own answer)
+        server_timing = (
+            f"queue;dur={(timing['started'] - timing['submitted']) * 1e3:.1f}, "
+            f"infer;dur={timing['ran'] * 1e3:.1f}, class;desc={plan.priority.name.lower()}"
+        )
+        (result if isinstance(result, Response) else response).headers["Server-Timing"] = server_timing
+        return result
 
     def prefetch_task(model: str) -> Any:
         task = serving.task(model)

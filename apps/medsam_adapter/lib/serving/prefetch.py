@@ -84,8 +84,8 @@ class Prefetcher:
             self._last_slice[(client, image)] = k
             while len(self._last_slice) > MAX_TRACKED:
                 self._last_slice.popitem(last=False)
-        if volume is None or self.depth <= 0:
-            return 0
+        if volume is None or self.depth <= 0 or segmenter.embeddings.max_bytes <= 0:
+            return 0  # nothing to keep the encodes in (embedding_cache_mb 0)
         owner = f"neighbours:{client}"
         self.scheduler.drop_background(owner)
         queued = 0

@@ -9,10 +9,12 @@ client's burst never starves another. Workers always take the most urgent class 
     VOLUME        3D propagation, DeepEdit and automatic (every slice)
     PREFETCH      background encodes of slices a client is likely to open next
 
-``general_workers`` threads take any class; the optional click lane is one more thread that only
-takes CLICK jobs, so a cached click never waits behind a running encoder pass or 3D propagation. A
-PREFETCH job starts only when nothing else runs or waits (real requests pause the prefetch; a
-running encode is not interrupted). Queues are bounded: a full interactive queue (or a client's own
+``general_workers`` threads take any class, but whole-volume (VOLUME) jobs occupy at most
+``general_workers - 1`` of them (at least one), so a 3D propagation leaves a worker for other
+clients' first prompts; the optional click lane is one more thread that only takes CLICK jobs, so a
+cached click never waits behind a running encoder pass or 3D propagation. A PREFETCH job starts only
+when nothing else runs or waits (real requests pause the prefetch; a running encode is not
+interrupted). Queues are bounded: a full interactive queue (or a client's own
 share of it) rejects the job with :class:`Overloaded` (HTTP 503 with Retry-After), a full prefetch
 queue drops its oldest job. Plain Python, no web framework: the HTTP side is ``infer_route``.
 """
@@ -80,7 +82,7 @@ class SchedulerSettings:
     """``--conf`` options of the serving layer, parsed once (see :meth:`from_conf`)."""
 
     enabled: bool = True  # scheduler: false serves MONAI Label's own /infer (serial, in the event loop)
-    general_workers: int = 1  # scheduler_workers: threads that run any job (2 CPU cores: one encoder at a time)
+    general_workers: int = 2  # scheduler_workers: threads that run any job (VOLUME jobs on all but one)
     click_lane: bool = True  # scheduler_click_lane: one more thread for decoder-only clicks
     queue_limit: int = 32  # scheduler_queue_limit: interactive jobs waiting, all clients together
     client_queue_limit: int = 8  # scheduler_client_queue_limit: interactive jobs waiting per client
@@ -224,6 +226,10 @@ class InferenceScheduler:
             queues = self._queues[priority]
             if not queues:
                 continue
+            if priority == Priority.VOLUME and self._running[Priority.VOLUME] >= max(
+                1, self.settings.general_workers - 1
+            ):
+                continue  # keep a worker for prompts
             if priority == Priority.PREFETCH and (any(self._running.values()) or self._waiting(INTERACTIVE)):
                 return None  # background work waits until the server is idle
             client, jobs = next(iter(queues.items()))
@@ -261,18 +267,20 @@ class InferenceScheduler:
                     return
                 self._running[job.priority] += 1
             started = time.perf_counter()
-            ok = False
+            outcome = "cancelled"
             try:
                 if job.future.set_running_or_notify_cancel():
                     try:
                         job.future.set_result(job.fn())
-                        ok = True
+                        outcome = "done"
                     except BaseException as e:  # noqa: BLE001 - handed to the waiting request
                         job.future.set_exception(e)
+                        outcome = "failed"
             finally:
                 with self._cond:
                     self._running[job.priority] -= 1
                     took = time.perf_counter() - started
                     self._service_s[job.priority] = 0.8 * self._service_s[job.priority] + 0.2 * took
-                    self.counts["done" if ok else "failed"] += 1
+                    if outcome != "cancelled":
+                        self.counts[outcome] += 1
                     self._cond.notify_all()
