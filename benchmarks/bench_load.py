@@ -1,22 +1,33 @@
-"""Many annotators on one server, with and without a training round; kills; nothing may be lost.
+"""Many annotators on one server, with and without a training round, scheduled vs serial; kills; nothing lost.
 
-    .venv/bin/python benchmarks/bench_load.py [--annotators 8] [--seconds 120] [--publish-kills 40]
+    .venv/bin/python benchmarks/bench_load.py [--annotators 8] [--seconds 120] [--think 1.0]
+                                              [--modes scheduled,serial] [--adjacent-slices 6]
+                                              [--training-seconds 0] [--publish-kills 40]
                                               [--train-kills 3] [--out results.json]
 
 Against the real server (``lib.server:app`` on loopback, the shipped sample data, a fresh copy of
-the app so training writes nowhere in the repository):
+the app and data per server so training writes nowhere in the repository). Every phase runs once per
+mode, one server after the other, in the same run: ``scheduled`` (the product: inference in scheduler
+threads, prefetch) and ``serial`` (``--conf scheduler false``: MONAI Label's own endpoint, inference
+inside the event loop).
 
 1. ``--annotators`` simulated annotators for ``--seconds``: each picks an image and slice, places a
-   box or a first click, refines with two more clicks (per-client state), and every third session
-   submits the resulting mask as a final label. Requests served, errors, p50/p95 latency per kind,
-   and the server's resident memory (process tree, sampled every 0.5 s) before, at peak and after.
-2. The same while a training round runs (started at the beginning, published when it finishes):
-   which adapter versions answered, and whether any answer went back to an older one.
-3. Kill points: a process that only publishes adapters, SIGKILLed ``--publish-kills`` times at random
-   moments; and the server's real training subprocess SIGKILLed mid-round ``--train-kills`` times.
-   Every time, the listed versions must all load and the server must keep answering.
-4. The server itself is SIGKILLed and restarted on the same folders: every label accepted under
-   load must be there byte for byte (latest per image), earlier ones in the label history.
+   box or a first click, refines with two more clicks (per-client state, decoder only: "further
+   clicks"), moves to the adjacent slice and does it again (``next_slice``), thinking ``--think``
+   seconds between requests; every third session submits the mask as a final label. A poller reads
+   ``GET /info`` every second as the clients do. Requests, errors, p50/p95 per kind, the server's
+   resident memory (process tree, sampled every 0.5 s) before, at peak and after.
+2. The same while a training round runs (started at the beginning; the phase lasts until the round is
+   over, or ``--training-seconds`` when given, after which the round is stopped): which adapter
+   versions answered, and whether any answer went back to an older one.
+3. One annotator alone (``--adjacent-slices`` times): a box on slice k, two further clicks, 1.5 s of
+   thinking, then a prompt on slice k+1; the first prompt on the adjacent slice against a cached click.
+4. (scheduled only) kill points: a process that only publishes adapters, SIGKILLed ``--publish-kills``
+   times at random moments; the server's real training subprocess SIGKILLed mid-round
+   ``--train-kills`` times. Every time, the listed versions must all load and the server must answer.
+5. (scheduled only, unless ``--no-label-check``) the server is SIGKILLed and restarted on the same
+   folders: every label accepted under load must be there byte for byte (latest per image), earlier
+   ones in the label history.
 """
 
 from __future__ import annotations
@@ -93,46 +104,64 @@ class Recorder:
         }
 
 
-def annotator(url: str, n: int, stop: threading.Event, rec: Recorder, shapes: dict[str, tuple]) -> None:
+def post_infer(url: str, image: str, body: dict, session: requests.Session) -> tuple[float, dict, bytes]:
+    """(wall ms, answer params + the scheduler's Server-Timing header, label bytes) of one 2D request."""
+    start = time.perf_counter()
+    r = session.post(
+        f"{url}/infer/medsam_2d", params={"image": image}, files={"params": (None, json.dumps(body))}, timeout=600
+    )
+    ms = (time.perf_counter() - start) * 1e3
+    if r.status_code != 200:
+        raise RuntimeError(f"{r.status_code} {r.text[:200]}")
+    params, mask = decode_infer_answer(r)
+    params["server_timing"] = r.headers.get("Server-Timing", "")
+    return ms, params, mask
+
+
+def annotator(
+    url: str, n: int, stop: threading.Event, rec: Recorder, shapes: dict[str, tuple], think: float = 0.0
+) -> None:
     rng = random.Random(n)
     session = 0
+    http = requests.Session()
     while not stop.is_set():
         image = IMAGES[(n + session) % len(IMAGES)]
         sx, sy, sz = shapes[image]
-        k = rng.randrange(sz)
+        k0 = rng.randrange(max(sz - 1, 1))
         cx, cy = sx // 2 + rng.randint(-sx // 8, sx // 8), sy // 2 + rng.randint(-sy // 8, sy // 8)
         client = f"annotator-{n}"
-        box = [cx - sx // 6, cx + sx // 6, cy - sy // 6, cy + sy // 6, k, k]
-        steps = [
-            ("box", {"roi": box}) if session % 2 else ("first_click", {"foreground": [[cx, cy, k]]}),
-            ("refine_click", {"foreground": [[cx, cy, k], [cx + 2, cy + 3, k]]}),
-            ("refine_click", {"foreground": [[cx, cy, k], [cx + 2, cy + 3, k]], "background": [[1, 1, k]]}),
-        ]
         mask = None
-        for kind, params in steps:
-            body = {"client_id": client, "slice": k, "label": "organ", "reset_state": kind != "refine_click", **params}
-            start = time.perf_counter()
-            try:
-                r = requests.post(
-                    f"{url}/infer/medsam_2d",
-                    params={"image": image},
-                    files={"params": (None, json.dumps(body))},
-                    timeout=600,
-                )
-                ms = (time.perf_counter() - start) * 1e3
-                if r.status_code != 200:
-                    raise RuntimeError(f"{kind} {r.status_code} {r.text[:200]}")
-                params_part, mask = decode_infer_answer(r)
-                rec.add(kind, ms, params_part.get("model_version"))
-            except Exception as e:  # noqa: BLE001 - every failure is counted
-                with rec.lock:
-                    rec.errors.append(f"{kind}: {e}")
-                mask = None
+        for k in (k0, k0 + 1):  # a slice, then the adjacent one
+            box = [cx - sx // 6, cx + sx // 6, cy - sy // 6, cy + sy // 6, k, k]
+            if k != k0:
+                opening = ("next_slice", {"roi": box})
+            else:
+                opening = ("box", {"roi": box}) if session % 2 else ("first_click", {"foreground": [[cx, cy, k]]})
+            steps = [
+                opening,
+                ("refine_click", {"foreground": [[cx, cy, k], [cx + 2, cy + 3, k]]}),
+                ("refine_click", {"foreground": [[cx, cy, k], [cx + 2, cy + 3, k]], "background": [[1, 1, k]]}),
+            ]
+            for kind, params in steps:
+                if stop.wait(think):
+                    break
+                body = {"client_id": client, "slice": k, "label": "organ", "reset_state": kind != "refine_click"}
+                try:
+                    ms, answer, mask = post_infer(url, image, {**body, **params}, http)
+                    rec.add(kind, ms, answer.get("model_version"))
+                    if kind == "refine_click" and not answer.get("embedding_cached"):
+                        rec.add("refine_click_uncached", ms)
+                except Exception as e:  # noqa: BLE001 - every failure is counted
+                    with rec.lock:
+                        rec.errors.append(f"{kind}: {e}")
+                    mask = None
+                    break
+            if mask is None or stop.is_set():
                 break
         if mask is not None and session % 3 == 2:
             start = time.perf_counter()
             try:
-                r = requests.put(
+                r = http.put(
                     f"{url}/datastore/label",
                     params={"image": image},
                     files={
@@ -152,7 +181,30 @@ def annotator(url: str, n: int, stop: threading.Event, rec: Recorder, shapes: di
         session += 1
 
 
-def load_phase(server: Server, annotators: int, seconds: float, shapes: dict, train: dict | None) -> dict:
+def info_poller(url: str, stop: threading.Event, rec: Recorder, period: float = 1.0) -> None:
+    """GET /info every ``period`` seconds, as the clients poll it for training status."""
+    http = requests.Session()
+    while not stop.wait(period):
+        start = time.perf_counter()
+        try:
+            r = http.get(f"{url}/info/", timeout=600)
+            if r.status_code != 200:
+                raise RuntimeError(f"{r.status_code} {r.text[:200]}")
+            rec.add("info", (time.perf_counter() - start) * 1e3)
+        except Exception as e:  # noqa: BLE001
+            with rec.lock:
+                rec.errors.append(f"info: {e}")
+
+
+def load_phase(
+    server: Server,
+    annotators: int,
+    seconds: float,
+    shapes: dict,
+    train: dict | None,
+    think: float = 0.0,
+    training_seconds: float = 0.0,
+) -> tuple[dict, Recorder]:
     rec = Recorder()
     samples: list[int] = []
     stop = threading.Event()
@@ -170,18 +222,23 @@ def load_phase(server: Server, annotators: int, seconds: float, shapes: dict, tr
         r.raise_for_status()
     clicking = threading.Event()
     threads = [
-        threading.Thread(target=annotator, args=(server.url, n, clicking, rec, shapes)) for n in range(annotators)
+        threading.Thread(target=annotator, args=(server.url, n, clicking, rec, shapes, think))
+        for n in range(annotators)
     ]
+    threads.append(threading.Thread(target=info_poller, args=(server.url, clicking, rec)))
     start = time.time()
     for t in threads:
         t.start()
     time.sleep(seconds)
-    if train is not None:  # keep clicking until the round is over and its adapters have answered a while
+    stopped_round = False
+    if train is not None and training_seconds > 0:
+        time.sleep(max(0.0, training_seconds - seconds))
+        stopped_round = training_running(server.url)
+        if stopped_round:
+            requests.delete(f"{server.url}/train/", timeout=600)
+    elif train is not None:  # keep clicking until the round is over and its adapters have answered a while
         cap = time.time() + 1800
-        while (
-            time.time() < cap
-            and requests.get(f"{server.url}/train/", params={"check_if_running": True}, timeout=600).status_code == 200
-        ):
+        while time.time() < cap and training_running(server.url):
             time.sleep(2)
         time.sleep(20)
     clicking.set()
@@ -202,7 +259,48 @@ def load_phase(server: Server, annotators: int, seconds: float, shapes: dict, tr
         versions_seen=sorted(set(rec.versions)),
         version_went_back=went_back(rec.versions),
     )
+    if train is not None:
+        out["training_round_stopped_early"] = stopped_round
     return out, rec
+
+
+def training_running(url: str) -> bool:
+    return requests.get(f"{url}/train/", params={"check_if_running": True}, timeout=600).status_code == 200
+
+
+def adjacent_slice(server: Server, shapes: dict, repeats: int, think: float = 1.5) -> dict:
+    """One annotator alone: a box on slice k, two further clicks, ``think`` seconds, a box on k+1."""
+    http = requests.Session()
+    image = "spleen_ct"
+    sx, sy, sz = shapes[image]
+    cx, cy = sx // 2, sy // 2
+    cached, nxt, hits = [], [], 0
+    for n in range(repeats):
+        k = 3 + (n * 7) % max(sz - 5, 1)  # slices apart from each other: nothing prefetched at the start
+        roi = [cx - sx // 6, cx + sx // 6, cy - sy // 6, cy + sy // 6]
+        body = {"client_id": "alone", "label": "organ", "slice": k}
+        post_infer(server.url, image, {**body, "roi": [*roi, k, k], "reset_state": True}, http)
+        for clicks in ([[cx, cy, k]], [[cx, cy, k], [cx + 2, cy + 3, k]]):
+            ms, answer, _ = post_infer(server.url, image, {**body, "roi": [*roi, k, k], "foreground": clicks}, http)
+            cached.append(ms)
+        time.sleep(think)
+        body["slice"] = k + 1
+        ms, answer, _ = post_infer(server.url, image, {**body, "roi": [*roi, k + 1, k + 1], "reset_state": True}, http)
+        nxt.append(ms)
+        hits += bool(answer.get("embedding_cached"))
+        print(
+            f"  adjacent slice {k + 1}: {ms:.0f} ms, cached={answer.get('embedding_cached')}, "
+            f"latency_ms={answer.get('latency_ms')}, {answer['server_timing']}",
+            flush=True,
+        )
+    click_ms, next_ms = statistics.median(cached), statistics.median(nxt)
+    return {
+        "think_s": think,
+        "cached_click_median_ms": round(click_ms, 1),
+        "adjacent_slice_median_ms": round(next_ms, 1),
+        "adjacent_over_cached_click": round(next_ms / click_ms, 2),
+        "adjacent_slice_embedding_was_cached": f"{hits}/{repeats}",
+    }
 
 
 def went_back(versions: list[str]) -> bool:
@@ -282,56 +380,176 @@ def label_check(server: Server, rec: Recorder, work: Path) -> dict:
     }
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--annotators", type=int, default=8)
-    ap.add_argument("--seconds", type=float, default=120)
-    ap.add_argument("--publish-kills", type=int, default=40)
-    ap.add_argument("--train-kills", type=int, default=3)
-    ap.add_argument("--out", type=Path)
-    args = ap.parse_args()
+MODES = {"scheduled": {}, "serial": {"scheduler": "false"}}
+TARGETS = (  # issue 17's "must show" for 8 annotators on the 2-core machine
+    ("inference_only", "refine_click", "p50_ms", 150),
+    ("inference_only", "refine_click", "p95_ms", 500),
+    ("inference_only", "info", "p95_ms", 100),
+    ("with_training", "refine_click", "p50_ms", 150),
+    ("with_training", "refine_click", "p95_ms", 500),
+    ("with_training", "info", "p95_ms", 100),
+)
 
-    work = Path(tempfile.mkdtemp(prefix="bench_load_"))
-    app_dir, studies = work / "app", work / "studies"
+
+def fresh_copy(work: Path, name: str) -> tuple[Path, Path]:
+    """A fresh app (no published adapters) and datastore (no labels) for one server."""
+    app_dir, studies = work / name / "app", work / name / "studies"
     shutil.copytree(APP, app_dir, ignore=shutil.ignore_patterns("model", "__pycache__", "logs"))
-    studies.mkdir()
-    for name in IMAGES:
-        shutil.copy(ROOT / "sample-data" / f"{name}.nii.gz", studies)
-    shapes = {name: nib.load(str(studies / f"{name}.nii.gz")).shape for name in IMAGES}
-    conf = {"train_max_epochs": "2", "train_max_slices_per_volume": "4"}
-    report: dict = {
-        "machine": f"{os.cpu_count()} CPU cores, {round(psutil.virtual_memory().total / 2**30)} GiB",
-        "annotators": args.annotators,
-        "seconds_per_phase": args.seconds,
-    }
-    server = Server(studies, app_dir, work / "server.log", conf)
+    studies.mkdir(parents=True)
+    for image in IMAGES:
+        shutil.copy(ROOT / "sample-data" / f"{image}.nii.gz", studies)
+    return app_dir, studies
+
+
+def side_by_side(report: dict, modes: list[str]) -> str:
+    """A plain-text table: p50/p95 per request kind and phase, one column pair per mode."""
+    rows = [f"{'phase':<16}{'request':<22}" + "".join(f"{m + ' p50/p95 ms':>28}" for m in modes)]
+    phases = ("inference_only", "with_training")
+    for phase in phases:
+        kinds = sorted({k for m in modes for k in report[m].get(phase, {}).get("by_kind", {})})
+        for kind in kinds:
+            cells = []
+            for m in modes:
+                v = report[m].get(phase, {}).get("by_kind", {}).get(kind)
+                cells.append(f"{v['p50_ms']:.0f} / {v['p95_ms']:.0f} (n={v['n']})" if v else "-")
+            rows.append(f"{phase:<16}{kind:<22}" + "".join(f"{c:>28}" for c in cells))
+    for label, key in (("errors", "errors"), ("peak RSS MB", "rss_mb")):
+        for phase in phases:
+            cells = []
+            for m in modes:
+                v = report[m].get(phase, {}).get(key)
+                cells.append(str(v["peak"] if isinstance(v, dict) else v) if v is not None else "-")
+            rows.append(f"{phase:<16}{label:<22}" + "".join(f"{c:>28}" for c in cells))
+    cells = []
+    for m in modes:
+        adj = report[m].get("adjacent_slice")
+        cells.append(
+            f"{adj['adjacent_slice_median_ms']:.0f} vs {adj['cached_click_median_ms']:.0f} "
+            f"= {adj['adjacent_over_cached_click']}x"
+            if adj
+            else "-"
+        )
+    rows.append(f"{'alone':<16}{'adjacent vs click':<22}" + "".join(f"{c:>28}" for c in cells))
+    return "\n".join(rows)
+
+
+def targets(result: dict) -> list[dict]:
+    out = []
+    for phase, kind, stat, limit in TARGETS:
+        if phase not in result:
+            continue
+        value = result.get(phase, {}).get("by_kind", {}).get(kind, {}).get(stat)
+        out.append(
+            {"phase": phase, "request": kind, stat: value, "limit": limit, "met": value is not None and value <= limit}
+        )
+    adj = result.get("adjacent_slice")
+    if adj:
+        ratio = adj["adjacent_over_cached_click"]
+        out.append({"phase": "alone", "request": "adjacent/cached", "ratio": ratio, "limit": 3, "met": ratio <= 3})
+    for phase in ("inference_only", "with_training"):
+        if phase in result:
+            out.append(
+                {
+                    "phase": phase,
+                    "request": "all",
+                    "errors": result[phase]["errors"],
+                    "limit": 0,
+                    "met": result[phase]["errors"] == 0,
+                }
+            )
+    return out
+
+
+def run_mode(mode: str, args: argparse.Namespace, work: Path, shapes: dict, report: dict) -> None:
+    app_dir, studies = fresh_copy(work, mode)
+    conf = {"train_max_epochs": "2", "train_max_slices_per_volume": "4", **MODES[mode]}
+    result: dict = {"conf": conf}
+    report[mode] = result
+    server = Server(studies, app_dir, work / f"{mode}.log", conf)
     try:
         requests.post(
             f"{server.url}/infer/medsam_2d",
             params={"image": "spleen_ct", "output": "json"},
             files={"params": (None, json.dumps({"foreground": [[60, 50, 12]]}))},
-            timeout=300,
+            timeout=600,
         )
-        report["inference_only"], rec_a = load_phase(server, args.annotators, args.seconds, shapes, None)
-        print(json.dumps(report["inference_only"], indent=1), flush=True)
-        report["with_training"], rec_b = load_phase(
-            server, args.annotators, args.seconds, shapes, {"max_epochs": 2, "publish": "always"}
+        if args.adjacent_slices:
+            result["adjacent_slice"] = adjacent_slice(server, shapes, args.adjacent_slices)
+            print(mode, json.dumps(result["adjacent_slice"]), flush=True)
+        result["inference_only"], rec_a = load_phase(
+            server, args.annotators, args.seconds, shapes, None, think=args.think
         )
-        stats = requests.get(f"{server.url}/info/", timeout=60).json().get("train_stats", {}).get("medsam", {})
-        report["with_training"]["training_round"] = {k: stats.get(k) for k in ("status", "published_version", "epoch")}
-        print(json.dumps(report["with_training"], indent=1), flush=True)
-        report["train_kills"] = train_kills(server, args.train_kills)
-        print(json.dumps(report["train_kills"]), flush=True)
-        for image, hashes in rec_b.labels.items():
-            rec_a.labels[image].extend(hashes)
-        report["labels"] = label_check(server, rec_a, work)
+        print(mode, json.dumps(result["inference_only"], indent=1), flush=True)
+        if args.training:
+            result["with_training"], rec_b = load_phase(
+                server,
+                args.annotators,
+                args.seconds,
+                shapes,
+                {"max_epochs": 2, "publish": "always"},
+                think=args.think,
+                training_seconds=args.training_seconds,
+            )
+            stats = requests.get(f"{server.url}/info/", timeout=600).json().get("train_stats", {}).get("medsam", {})
+            keys = ("status", "published_version", "epoch")
+            result["with_training"]["training_round"] = {k: stats.get(k) for k in keys}
+            print(mode, json.dumps(result["with_training"], indent=1), flush=True)
+            for image, hashes in rec_b.labels.items():
+                rec_a.labels[image].extend(hashes)
+        if mode == "scheduled" and args.train_kills:
+            result["train_kills"] = train_kills(server, args.train_kills)
+            print(mode, json.dumps(result["train_kills"]), flush=True)
+        if mode == "scheduled" and not args.no_label_check:
+            result["labels"] = label_check(server, rec_a, work / mode)
+            print(mode, json.dumps(result["labels"]), flush=True)
     finally:
         server.stop()
-    report["publish_kills"] = publish_kills(args.publish_kills, work / "publish_kills")
-    print(json.dumps({k: report[k] for k in ("labels", "publish_kills")}, indent=1))
-    if args.out:
-        args.out.write_text(json.dumps(report, indent=2))
-    shutil.rmtree(work, ignore_errors=True)
+    result["targets"] = targets(result)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--annotators", type=int, default=8)
+    ap.add_argument("--seconds", type=float, default=120)
+    ap.add_argument("--think", type=float, default=1.0, help="seconds an annotator thinks between requests")
+    ap.add_argument("--modes", default="scheduled,serial", help=f"comma-separated, from {sorted(MODES)}")
+    ap.add_argument("--adjacent-slices", type=int, default=6, help="repeats of the one-annotator measure (0: off)")
+    ap.add_argument("--no-training", dest="training", action="store_false", help="skip the training phase")
+    ap.add_argument("--training-seconds", type=float, default=0, help="stop the round after this (0: let it end)")
+    ap.add_argument("--publish-kills", type=int, default=40)
+    ap.add_argument("--train-kills", type=int, default=3)
+    ap.add_argument("--no-label-check", action="store_true")
+    ap.add_argument("--out", type=Path)
+    args = ap.parse_args()
+    modes = [m.strip() for m in args.modes.split(",") if m.strip()]
+    unknown = [m for m in modes if m not in MODES]
+    if unknown or not modes:
+        ap.error(f"--modes: unknown {unknown}; choose from {sorted(MODES)}")
+
+    work = Path(tempfile.mkdtemp(prefix="bench_load_"))
+    shapes = {name: nib.load(str(ROOT / "sample-data" / f"{name}.nii.gz")).shape for name in IMAGES}
+    report: dict = {
+        "machine": f"{os.cpu_count()} CPU cores, {round(psutil.virtual_memory().total / 2**30)} GiB",
+        "load_average_at_start": [round(x, 2) for x in os.getloadavg()],
+        "annotators": args.annotators,
+        "seconds_per_phase": args.seconds,
+        "think_s": args.think,
+    }
+    try:
+        for mode in modes:
+            run_mode(mode, args, work, shapes, report)
+        if args.publish_kills:
+            report["publish_kills"] = publish_kills(args.publish_kills, work / "publish_kills")
+            print(json.dumps(report["publish_kills"], indent=1))
+    finally:
+        report["load_average_at_end"] = [round(x, 2) for x in os.getloadavg()]
+        if args.out:
+            args.out.write_text(json.dumps(report, indent=2))
+        shutil.rmtree(work, ignore_errors=True)
+    print(side_by_side(report, modes))
+    for mode in modes:
+        for t in report[mode]["targets"]:
+            print(mode, "MET " if t["met"] else "MISS", json.dumps(t))
 
 
 if __name__ == "__main__":

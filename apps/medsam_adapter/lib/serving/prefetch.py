@@ -17,6 +17,7 @@ import threading
 import time
 from collections import OrderedDict
 from dataclasses import asdict, dataclass, field
+from functools import partial
 from typing import Any
 
 from lib.core.engine import InteractiveSegmenter
@@ -40,6 +41,14 @@ def neighbour_order(k: int, previous: int | None, depth: int, size: int) -> list
     else:
         order = [s for pair in zip(ahead, behind, strict=True) for s in pair]
     return [s for s in order if 0 <= s < size]
+
+
+def _encode(segmenter: InteractiveSegmenter, path: str, k: int, window: str | None) -> bool:
+    start = time.perf_counter()
+    encoded = segmenter.prefetch(path, k, window)
+    if encoded:
+        logger.info("prefetched slice %d of %s in %.0f ms", k, path, (time.perf_counter() - start) * 1e3)
+    return encoded
 
 
 @dataclass
@@ -93,7 +102,7 @@ class Prefetcher:
             if segmenter.has_embedding(path, s, window):
                 continue
             key = ("slice", id(segmenter), path, s, window)
-            self.scheduler.submit(Priority.PREFETCH, owner, lambda s=s: segmenter.prefetch(path, s, window), key)
+            self.scheduler.submit(Priority.PREFETCH, owner, partial(_encode, segmenter, path, s, window), key)
             queued += 1
         return queued
 
