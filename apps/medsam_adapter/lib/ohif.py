@@ -100,8 +100,8 @@ def viewer_to_image_axes(
         if len(match) != 1 or viewer_shape[match[0]] != image.shape[b]:
             raise HTTPException(
                 status_code=422,
-                detail=f"the viewer's volume {viewer_shape} is not the image's grid {image.shape}: "
-                "reload the series in the viewer",
+                detail=f"the viewer's volume {viewer_shape} is not the server's grid of this image "
+                f"{image.shape}: the label cannot be placed voxel for voxel",
             )
         a = match[0]
         order.append(a)
