@@ -14,11 +14,13 @@ number), results.md (tables) and PNG plots (Dice against clicks, per-case bars) 
 from __future__ import annotations
 
 import argparse
+import fnmatch
 import json
 import os
 import platform
 import sys
 import time
+import tomllib
 from dataclasses import asdict, replace
 from pathlib import Path
 
@@ -28,7 +30,8 @@ ROOT = Path(__file__).resolve().parents[1]
 APP = ROOT / "apps" / "medsam_adapter"
 sys.path.insert(0, str(APP))
 
-from lib.core.config import load_profile  # noqa: E402
+from lib.core.cache import StoredEmbeddingCache  # noqa: E402
+from lib.core.config import ProfileError, parse_profile  # noqa: E402
 from lib.core.datasets import load_dataset, merge_structures  # noqa: E402
 from lib.core.engine import InteractiveSegmenter  # noqa: E402
 from lib.core.eval_backends import HttpBackend, InProcessBackend  # noqa: E402
@@ -42,10 +45,30 @@ from lib.core.evaluation import (  # noqa: E402
 )
 
 
-def backend_for(method: str, profile_name: str, device: str | None):
+def inference_overrides(pairs: list[str]) -> dict:
+    """``--inference key=value`` pairs as a profile's [inference] table (values read as TOML)."""
+    table = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep:
+            sys.exit(f"--inference {pair}: expected key=value")
+        try:
+            table[key.strip()] = tomllib.loads(f"v = {value}")["v"]
+        except tomllib.TOMLDecodeError:
+            table[key.strip()] = value
+    return table
+
+
+def backend_for(method: str, profile_name: str, device: str | None, inference: dict, store: Path | None):
     if method.startswith(("http://", "https://")):
         return HttpBackend(method)
-    profile = load_profile(APP / "configs" / f"{profile_name}.toml")
+    source = APP / "configs" / f"{profile_name}.toml"
+    data = tomllib.loads(source.read_text())
+    data["inference"] = {**data.get("inference", {}), **inference}
+    try:
+        profile = parse_profile(data, source)
+    except ProfileError as e:
+        sys.exit(f"--inference: {e}")
     if method == "base":
         profile = replace(profile, adapter_checkpoint=None)
     elif method != "shipped":
@@ -55,7 +78,10 @@ def backend_for(method: str, profile_name: str, device: str | None):
         profile = replace(profile, adapter_checkpoint=path.resolve())
     elif profile.adapter_checkpoint is None or not profile.adapter_checkpoint.is_file():
         sys.exit(f"profile {profile_name} ships no adapter checkpoint")
-    return InProcessBackend(InteractiveSegmenter(profile, adapter_dir=None, device=device))
+    cache = None
+    if store is not None:
+        cache = StoredEmbeddingCache(profile.inference.embedding_cache_mb, store / profile.name)
+    return InProcessBackend(InteractiveSegmenter(profile, adapter_dir=None, device=device, embeddings=cache))
 
 
 def machine() -> dict:
@@ -168,11 +194,20 @@ def main() -> None:
     parser.add_argument("--no-3d", action="store_true")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default=None)
+    parser.add_argument("--cases", help="only cases whose id matches this pattern (e.g. 'validation_*')")
+    parser.add_argument("--inference", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a profile [inference] setting for in-process methods (repeatable)")
+    parser.add_argument("--embedding-store", type=Path,
+                        help="keep image embeddings in this folder and reuse them in later runs")
     parser.add_argument("--append", action="store_true",
                         help="add these methods to an earlier results.json in --out (same dataset and settings)")
     args = parser.parse_args()
 
     cases = load_dataset(args.dataset, args.labels, args.image_name, args.label_name)
+    if args.cases:
+        cases = [c for c in cases if fnmatch.fnmatch(c.case_id, args.cases)]
+        if not cases:
+            sys.exit(f"--cases {args.cases}: no case id matches")
     if args.merge_labels:
         cases = merge_structures(cases, args.merge_labels)
     structures = args.structures.split(",") if args.structures else None
@@ -185,6 +220,8 @@ def main() -> None:
         "reference": args.reference,
         "cases": len(cases),
         "structures": structures,
+        "case_filter": args.cases,
+        "inference_overrides": args.inference,
         "settings": asdict(settings),
         "profile": args.profile,
         "machine": machine(),
@@ -202,7 +239,8 @@ def main() -> None:
         report["command"] = earlier["command"] + " && " + report["command"]
     for method in args.methods.split(","):
         start = time.time()
-        backend = backend_for(method, args.profile, args.device)
+        backend = backend_for(method, args.profile, args.device, inference_overrides(args.inference),
+                              args.embedding_store)
         slices, volumes = evaluate_cases(backend, cases, settings, structures,
                                          progress=lambda m, method=method: print(f"[{method}] {m}", flush=True))
         report["methods"][method] = {

@@ -25,15 +25,17 @@ import time
 from dataclasses import asdict, replace
 from pathlib import Path
 
+import numpy as np
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 APP = ROOT / "apps" / "medsam_adapter"
 sys.path.insert(0, str(APP))
 
+from lib.core.cache import StoredEmbeddingCache  # noqa: E402
 from lib.core.checkpoint import AdapterCheckpoint  # noqa: E402
 from lib.core.config import load_profile  # noqa: E402
-from lib.core.datasets import LabelledCase, load_dataset, png_mask_set, volume_pair  # noqa: E402
+from lib.core.datasets import LabelledCase, case_folders, load_dataset, png_mask_set, volume_pair  # noqa: E402
 from lib.core.model import AdaptedSam  # noqa: E402
 from lib.core.training import (  # noqa: E402
     AdapterTrainer,
@@ -46,6 +48,39 @@ from lib.core.training import (  # noqa: E402
 SHARED = ROOT.parent / "shared" / "data"
 DECODER_PARTS = ["decoder_adapters", "output_upscaling", "hypernetworks", "iou_head", "mask_tokens"]
 HELD_OUT = ("mr_brats2015", "ct_lesion_deeplesion")
+
+
+# the train parts of the kinds added in round 3 (ultrasound, cardiac MR, brain MR structures and lesions):
+# (set, cases used for training, cases kept aside for checkpoint selection, labelled slices per case);
+# their validation parts are never used here: they are the held-out evaluation
+BROAD_SETS = {
+    "mr_hippocampus_msd": (36, 6, 3),
+    "us_fetal_head_hc18": (60, 10, 1),
+    "cmr_lv_sunnybrook": (45, 8, 1),
+    "mr_ms_lesions": (1, 0, 16),
+}
+
+
+def broad_training_data() -> tuple[list[LabelledVolume], list[LabelledVolume]]:
+    """(train, selection) volumes from the train parts of :data:`BROAD_SETS` (seeded choice of cases)."""
+    rng = np.random.default_rng(0)
+    train: list[LabelledVolume] = []
+    select: list[LabelledVolume] = []
+    for name, (n_train, n_select, per_case) in BROAD_SETS.items():
+        folder = SHARED / name
+        if name == "mr_hippocampus_msd":
+            cases = [c for c in case_folders(folder, "image.nii.gz", "label.nii.gz", name)
+                     if c.case_id.startswith("train_")]
+        elif name == "mr_ms_lesions":
+            cases = [c for c in case_folders(folder, "flair.nii.gz", "label.nii.gz", name) if c.case_id == "patient26"]
+        else:
+            cases = png_mask_set(folder / "image2label_train.json", name)
+        order = rng.permutation(len(cases))
+        volumes = [LabelledVolume(c.image, c.label, c.names, f"{name}/{c.case_id}", per_case) for c in
+                   (cases[i] for i in order)]
+        train += volumes[:n_train]
+        select += volumes[n_train : n_train + n_select]
+    return train, select
 
 
 def training_data() -> tuple[list[LabelledCase], list[LabelledCase]]:
@@ -92,6 +127,11 @@ def main() -> None:
                         help="continue from these adapters (as an active-learning round does), not the base")
     parser.add_argument("--encoder-adapters", action="store_true",
                         help="train the image encoder's adapters too (slow on CPU: embeddings every step)")
+    parser.add_argument("--data", choices=("organs", "broad"), default="organs",
+                        help="organs: CT/MR organs and spinal cord (round 2); broad: plus the train parts of "
+                             "hippocampus MR, fetal-head ultrasound, cardiac MR and MS lesions")
+    parser.add_argument("--embedding-store", type=Path,
+                        help="keep image embeddings in this folder (shared with scripts/evaluate.py)")
     parser.add_argument("--out", type=Path, default=APP / "adapters" / "lite_medsam_clicks.pt")
     args = parser.parse_args()
     torch.manual_seed(args.seed)
@@ -112,16 +152,27 @@ def main() -> None:
     )
     start = time.time()
     train_cases, val_cases = training_data()
-    train = prepare_samples(model, as_volumes(train_cases), profile.preprocessing, settings, device)
-    val = prepare_samples(model, as_volumes(val_cases), profile.preprocessing, settings, device)
+    train_volumes, val_volumes = as_volumes(train_cases), as_volumes(val_cases)
+    if args.data == "broad":
+        if not SHARED.is_dir():
+            sys.exit(f"--data broad needs {SHARED}")
+        extra_train, extra_select = broad_training_data()
+        train_volumes += extra_train
+        val_volumes += extra_select
+    store = None
+    if args.embedding_store is not None and not args.encoder_adapters:
+        store = StoredEmbeddingCache(profile.inference.embedding_cache_mb, args.embedding_store / profile.name)
+    fingerprint = f"{profile.name}:base"  # the frozen encoder's embeddings, as inference keys them
+    train = prepare_samples(model, train_volumes, profile.preprocessing, settings, device, store, fingerprint)
+    val = prepare_samples(model, val_volumes, profile.preprocessing, settings, device, store, fingerprint)
     prepared = time.time() - start
     print(f"{len(train)} training slices ({sum(len(s.objects) for s in train)} objects), {len(val)} validation "
           f"slices; embeddings in {prepared:.0f} s", flush=True)
     trainer = AdapterTrainer(model, settings, device)
     common = {
         "command": "python scripts/train_click_adapter.py " + " ".join(sys.argv[1:]),
-        "train_cases": [f"{c.source}/{c.case_id}" for c in train_cases],
-        "validation_cases": [f"{c.source}/{c.case_id}" for c in val_cases],
+        "train_cases": [v.image_id for v in train_volumes],
+        "validation_cases": [v.image_id for v in val_volumes],
         "held_out_never_used": list(HELD_OUT),
         "train_slices": len(train),
         "train_objects": sum(len(s.objects) for s in train),

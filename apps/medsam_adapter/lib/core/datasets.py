@@ -95,7 +95,8 @@ def image_label_folder(images: Path, labels: Path, source: str = "") -> list[Lab
 def png_mask_set(index: Path, source: str = "") -> list[LabelledCase]:
     """2D PNG slices with one binary PNG mask per structure, listed in a JSON index, either
     {image: [mask, ...]} or {mask: image} (paths relative to the index's folder, any leading folder
-    names that do not exist are dropped). The structure name is the mask name after the image's name."""
+    names that do not exist are dropped). The structure name is the mask name after the image's name.
+    A ``pixel_spacing.json`` beside the index ({image file: [row_mm, col_mm]}) gives physical pixel sizes."""
     data = json.loads(index.read_text())
     if not isinstance(data, dict) or not data:
         raise DatasetError(f"{index}: expected a JSON object mapping images to masks or masks to images")
@@ -106,6 +107,8 @@ def png_mask_set(index: Path, source: str = "") -> list[LabelledCase]:
         else:
             pairs.setdefault(str(value), []).append(key)
     root = index.parent
+    spacing_file = root / "pixel_spacing.json"
+    spacings = json.loads(spacing_file.read_text()) if spacing_file.is_file() else {}
 
     def resolve(rel: str) -> Path:
         parts = Path(rel).parts
@@ -118,6 +121,12 @@ def png_mask_set(index: Path, source: str = "") -> list[LabelledCase]:
     cases = []
     for image_rel, mask_rels in sorted(pairs.items()):
         image = load_volume(resolve(image_rel))
+        row_mm, col_mm = spacings.get(Path(image_rel).name, (1.0, 1.0))
+        if (row_mm, col_mm) != (1.0, 1.0):  # array axes are (col, row): see load_volume
+            affine = image.affine.copy()
+            affine[:3, 0] *= float(col_mm)
+            affine[:3, 1] *= float(row_mm)
+            image = Volume(image.array, affine)
         stem = Path(image_rel).stem
         label = np.zeros(image.shape, dtype=np.uint8)
         names: dict[int, str] = {}

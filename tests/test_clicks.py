@@ -1,0 +1,134 @@
+"""What a click means: the guarantee that clicks are respected, and lone clicks tried at several scales."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import numpy as np
+import pytest
+
+from conftest import SAMPLE
+from lib.core.cache import EmbeddingCache
+from lib.core.clicks import boxes_around, respect_clicks, side_contact
+from lib.core.config import InferenceSettings, PreprocessSettings
+from lib.core.orientation import SliceView
+from lib.core.predictor import LoadedModel, SlicePredictor
+from lib.core.preprocess import choose_window
+from lib.core.volume import load_volume
+
+
+def disc(shape: tuple[int, int], r: int, c: int, radius: float) -> np.ndarray:
+    rr, cc = np.ogrid[: shape[0], : shape[1]]
+    return (rr - r) ** 2 + (cc - c) ** 2 <= radius**2
+
+
+def test_a_missed_foreground_click_is_added_locally():
+    mask = disc((64, 64), 20, 20, 8)
+    out = respect_clicks(mask, np.array([[50, 50]]), np.empty((0, 2)), radius=2)
+    assert out[50, 50] and out[mask].all()
+    assert (out & ~mask).sum() <= 13  # a disc of radius 2, nothing else
+
+
+def test_a_background_click_on_a_separate_blob_removes_that_blob_only():
+    organ, blob = disc((64, 64), 20, 20, 8), disc((64, 64), 50, 50, 5)
+    out = respect_clicks(organ | blob, np.array([[20, 20]]), np.array([[50, 50]]))
+    assert not out[blob].any()
+    assert out[organ].all()
+
+
+def test_a_background_click_on_a_leak_cuts_there_and_keeps_the_object():
+    organ = disc((64, 64), 30, 20, 10)
+    leak = np.zeros((64, 64), bool)
+    leak[27:34, 30:50] = True
+    out = respect_clicks(organ | leak, np.array([[30, 20]]), np.array([[30, 44]]))
+    assert not out[30, 44]
+    assert out[organ & (disc((64, 64), 30, 20, 8))].all()  # the object's core is untouched
+    assert out.sum() < (organ | leak).sum()
+
+
+def test_objects_with_several_parts_keep_every_part():
+    left, right = disc((64, 64), 32, 12, 6), disc((64, 64), 32, 50, 6)
+    out = respect_clicks(left | right, np.array([[32, 12], [32, 50]]), np.array([[5, 5]]))
+    assert np.array_equal(out, left | right)
+    # a part without its own click is kept too: only a background click removes anything
+    out = respect_clicks(left | right, np.array([[32, 12]]), np.empty((0, 2)))
+    assert np.array_equal(out, left | right)
+
+
+def test_a_pixel_clicked_both_ways_stays_background():
+    mask = disc((32, 32), 16, 16, 6)
+    out = respect_clicks(mask, np.array([[16, 16]]), np.array([[16, 16]]))
+    assert not out[16, 16]
+
+
+def test_random_clicks_are_always_respected():
+    rng = np.random.default_rng(0)
+    for _ in range(200):
+        mask = rng.random((40, 40)) < rng.uniform(0.05, 0.6)
+        fg = rng.integers(0, 40, size=(rng.integers(1, 6), 2))
+        bg = rng.integers(0, 40, size=(rng.integers(0, 6), 2))
+        out = respect_clicks(mask, fg, bg)
+        both = (fg[:, None, :] == bg[None, :, :]).all(-1).any(1) if len(bg) else np.zeros(len(fg), bool)
+        assert out[fg[~both, 0], fg[~both, 1]].all()
+        if len(bg):
+            assert not out[bg[:, 0], bg[:, 1]].any()
+
+
+def test_boxes_around_a_click_have_physical_sizes_and_stay_in_the_slice():
+    boxes = boxes_around((50, 10), (0.5, 2.0), (100, 40), (10, 20, 1000))
+    assert boxes[0] == (40, 7, 60, 13)  # 10 mm: 10 rows of 0.5 mm each side, 2.5 columns of 2 mm
+    assert boxes[-1] == (0, 0, 99, 39)  # clipped to the slice
+    assert len(boxes) == len(set(boxes))
+
+
+def test_side_contact_ignores_sides_on_the_slice_border():
+    mask = np.zeros((20, 20), bool)
+    mask[5:15, 0:10] = True
+    assert side_contact(mask, (5, 0, 14, 9)) > 0  # runs along the box's top, bottom and right sides
+    assert side_contact(mask, (2, 0, 17, 12)) == 0  # the mask is inside the box; the left side is the border
+
+
+@pytest.fixture(scope="module")
+def spleen_slice():
+    image = load_volume(SAMPLE / "spleen_ct.nii.gz")
+    label = load_volume(SAMPLE / "reference" / "spleen_ct.nii.gz")
+    view = SliceView.from_affine(image.affine, 2)
+    k = 12
+    return view.slice(image.array, k), view.slice(label.array, k) > 0, view, choose_window(image.array,
+                                                                                           PreprocessSettings())
+
+
+def test_the_predictor_respects_every_click_on_a_real_slice(lite_model, spleen_slice):
+    """Clicks the model would ignore (background deep inside the organ, foreground far outside) still
+    come back as the user placed them."""
+    image, gt, view, window = spleen_slice
+    predictor = SlicePredictor(LoadedModel(lite_model, 0, "base"), EmbeddingCache(64), PreprocessSettings(),
+                               InferenceSettings())
+    rng = np.random.default_rng(1)
+    inside, outside = np.argwhere(gt), np.argwhere(~gt)
+    for _ in range(6):
+        fg = np.concatenate([inside[rng.integers(len(inside), size=2)], outside[rng.integers(len(outside), size=1)]])
+        bg = np.concatenate([inside[rng.integers(len(inside), size=1)], outside[rng.integers(len(outside), size=2)]])
+        points = np.concatenate([fg, bg])
+        labels = np.array([1] * len(fg) + [0] * len(bg))
+        result = predictor.predict(image, window, view.spacing, points, labels)
+        assert result.mask[fg[:, 0], fg[:, 1]].all()
+        assert not result.mask[bg[:, 0], bg[:, 1]].any()
+
+
+def test_a_lone_click_on_a_large_organ_is_not_a_fragment(lite_model, spleen_slice):
+    """The lone click tried at several physical scales finds much more of the spleen than the click alone
+    (the bare model, which was never trained with clicks)."""
+    from lib.core.annotator import dice, interior_point
+
+    image, gt, view, window = spleen_slice
+    point = np.array([interior_point(gt)])
+
+    def one_click(settings: InferenceSettings) -> float:
+        predictor = SlicePredictor(LoadedModel(lite_model, 0, "base"), EmbeddingCache(64), PreprocessSettings(),
+                                   settings)
+        return dice(predictor.predict(image, window, view.spacing, point, np.array([1])).mask, gt)
+
+    alone = one_click(replace(InferenceSettings(), lone_click_box_sizes_mm=()))
+    scaled = one_click(InferenceSettings())
+    assert scaled >= 0.8 and scaled > alone + 0.3, (alone, scaled)
