@@ -269,30 +269,36 @@ def training_running(url: str) -> bool:
 
 
 def adjacent_slice(server: Server, shapes: dict, repeats: int, think: float = 1.5) -> dict:
-    """One annotator alone: a box on slice k, two further clicks, ``think`` seconds, a box on k+1."""
+    """One annotator alone: a box on slice k, two further clicks, ``think`` seconds, a box on k+1.
+    Each repeat on another image (or 6 slices further), the first one a warm-up that is not counted."""
     http = requests.Session()
-    image = "spleen_ct"
-    sx, sy, sz = shapes[image]
-    cx, cy = sx // 2, sy // 2
     cached, nxt, hits = [], [], 0
-    for n in range(repeats):
-        k = 3 + (n * 7) % max(sz - 5, 1)  # slices apart from each other: nothing prefetched at the start
+    for n in range(repeats + 1):
+        image = IMAGES[n % len(IMAGES)]
+        sx, sy, sz = shapes[image]
+        k = min(sz // 3 + 6 * (n // len(IMAGES)), sz - 2)
+        cx, cy = sx // 2, sy // 2
         roi = [cx - sx // 6, cx + sx // 6, cy - sy // 6, cy + sy // 6]
         body = {"client_id": "alone", "label": "organ", "slice": k}
         post_infer(server.url, image, {**body, "roi": [*roi, k, k], "reset_state": True}, http)
+        clicks_ms = []
         for clicks in ([[cx, cy, k]], [[cx, cy, k], [cx + 2, cy + 3, k]]):
             ms, answer, _ = post_infer(server.url, image, {**body, "roi": [*roi, k, k], "foreground": clicks}, http)
-            cached.append(ms)
+            clicks_ms.append(ms)
         time.sleep(think)
         body["slice"] = k + 1
         ms, answer, _ = post_infer(server.url, image, {**body, "roi": [*roi, k + 1, k + 1], "reset_state": True}, http)
-        nxt.append(ms)
-        hits += bool(answer.get("embedding_cached"))
         print(
-            f"  adjacent slice {k + 1}: {ms:.0f} ms, cached={answer.get('embedding_cached')}, "
-            f"latency_ms={answer.get('latency_ms')}, {answer['server_timing']}",
+            f"  {'warm-up ' if n == 0 else ''}{image} slice {k} -> {k + 1}: {ms:.0f} ms, "
+            f"cached={answer.get('embedding_cached')}, clicks {[round(c) for c in clicks_ms]} ms, "
+            f"{answer['server_timing']}",
             flush=True,
         )
+        if n == 0:
+            continue
+        cached.extend(clicks_ms)
+        nxt.append(ms)
+        hits += bool(answer.get("embedding_cached"))
     click_ms, next_ms = statistics.median(cached), statistics.median(nxt)
     return {
         "think_s": think,

@@ -211,6 +211,7 @@ def test_clicks_and_info_are_answered_while_another_clients_3d_request_runs(busy
     run("click", "medsam_2d", {"client_id": "clicker", "foreground": [[80, 80, 13], [84, 86, 13]]})
     propagation.join()
     assert info.status_code == 200 and "medsam_2d" in info.json()["models"]
+    assert info.json()["serving"]["scheduler"]["running"]["volume"] == 1  # /info shows the queues
     assert info_done < finished["3d"], "/info waited for the 3D request"
     click, click_params = label_of(answers["click"])
     assert click_params["embedding_cached"] and click.any()

@@ -14,6 +14,13 @@ Options (``--conf KEY VALUE``):
                        images from (named by SeriesInstanceUID in the folder), through /ohif-dicomweb/
   train_<option>       server-side default of a train option (e.g. train_max_epochs 5), used when a
                        request leaves it out (OHIF's "Update Model" sends nothing)
+  scheduler            true (default) | false: run /infer in lib.server's scheduler threads (priorities,
+                       fairness, 503 when full) or in MONAI Label's event loop; also scheduler_workers (2),
+                       scheduler_click_lane (true), scheduler_queue_limit (32),
+                       scheduler_client_queue_limit (8), scheduler_torch_threads (0: torch's default)
+  prefetch_slices      neighbours encoded each side of a prompted slice in the background (2; 0: off);
+                       also prefetch_queue_limit (64), prefetch_on_open (false: true encodes a whole image
+                       on its first prompt). All parsed once by lib/serving/scheduler.py
 """
 
 from __future__ import annotations
@@ -38,6 +45,7 @@ from lib.core.engine import InteractiveSegmenter
 from lib.datastore import GuardedDatastore, max_upload_mb
 from lib.infers.tasks import AutoTask, DeepEditTask, PromptedTask
 from lib.ohif import note_infer_answer
+from lib.serving.infer_route import serving_status
 from lib.trainers.adapter_train import AdapterTrainTask, write_json_atomic
 
 logger = logging.getLogger(__name__)
@@ -176,6 +184,14 @@ class MedSamAdapterApp(MONAILabelApp):
                 status_code=404, detail=f"unknown strategy {strategy!r}; available: {sorted(self._strategies)}"
             )
         return super().next_sample(request)
+
+    def info(self) -> dict:
+        """MONAI Label's app info plus ``serving``: inference queues and precomputed slice ranges."""
+        meta = super().info()
+        serving = serving_status()
+        if serving is not None:
+            meta["serving"] = serving
+        return meta
 
     def infer(self, request: dict, datastore=None) -> dict:
         model = request.get("model")

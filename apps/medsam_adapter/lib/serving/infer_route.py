@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import sys
 import threading
 import time
 from collections import OrderedDict
@@ -145,6 +146,14 @@ class Serving:
             priority = Priority.VOLUME
         return Plan(priority, str(client), task, data)
 
+    def status(self) -> dict:
+        """What ``/info`` shows under ``serving``: queues, counts and the latest precomputed ranges."""
+        return {
+            "scheduler": self.scheduler.stats(),
+            "prefetch_slices": self.settings.prefetch_slices,
+            "ranges": [p.as_dict() for p in self.prefetcher.recent(16)],
+        }
+
     def after(self, plan: Plan, model: str, image: str) -> None:
         """After a prompted request on a datastore image: queue the neighbours (and the whole image on
         a first prompt with ``prefetch_on_open``). Runs in the worker thread."""
@@ -161,6 +170,14 @@ class Serving:
             k = prompt_slice(task.segmenter, path, plan.data, False)
             if k is not None:
                 self.prefetcher.after_prompt(task.segmenter, plan.client, image, path, k, window)
+
+
+def serving_status() -> dict | None:
+    """The served app's :meth:`Serving.status` (None without the scheduler). Looked up on the served
+    FastAPI app: MONAI Label re-imports ``lib`` when it loads main.py, so module globals are not shared."""
+    served = sys.modules.get("monailabel.app")
+    serving = getattr(getattr(getattr(served, "app", None), "state", None), "serving", None)
+    return serving.status() if hasattr(serving, "status") else None
 
 
 def _install_first(app: FastAPI, router: APIRouter) -> None:

@@ -180,6 +180,11 @@ class Prefetcher:
         with self._lock:
             return self._ranges.get((model, image))
 
+    def recent(self, count: int) -> list[RangeProgress]:
+        """The ``count`` most recently started ranges, newest first."""
+        with self._lock:
+            return list(reversed(self._ranges.values()))[:count]
+
     def seen(self, model: str, image: str) -> bool:
         with self._lock:
             return (model, image) in self._ranges
