@@ -113,6 +113,30 @@ def test_background_jobs_wait_while_anything_runs():
     scheduler.close()
 
 
+def test_general_workers_run_below_the_click_lane():
+    import os
+
+    base = os.getpriority(os.PRIO_PROCESS, 0)
+    scheduler = InferenceScheduler(SchedulerSettings(general_workers=1, click_lane=True, worker_nice=3))
+    started, hold = threading.Event(), threading.Event()
+
+    def niceness() -> int:
+        return os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+
+    def encode() -> int:
+        started.set()
+        hold.wait(10)
+        return niceness()
+
+    busy = scheduler.submit(Priority.FIRST_PROMPT, "a", encode)
+    assert started.wait(10)
+    # the general worker is busy: this click can only run on the click lane
+    assert scheduler.submit(Priority.CLICK, "b", niceness).result(10) == base
+    hold.set()
+    assert busy.result(10) == min(19, base + 3)
+    scheduler.close()
+
+
 def test_serving_options_are_checked_once_with_clear_errors():
     assert SchedulerSettings.from_conf({}) == SchedulerSettings()
     parsed = SchedulerSettings.from_conf({"scheduler": "off", "scheduler_workers": "3", "prefetch_slices": "4"})

@@ -14,7 +14,9 @@ client's burst never starves another. Workers always take the most urgent class 
 clients' first prompts; the optional click lane is one more thread that only takes CLICK jobs, so a
 cached click never waits behind a running encoder pass or 3D propagation. A PREFETCH job starts only
 when nothing else runs or waits (real requests pause the prefetch; a running encode is not
-interrupted). Queues are bounded: a full interactive queue (or a client's own
+interrupted). General workers run at a lower OS priority than the click lane (``worker_nice``,
+Linux per-thread niceness, inherited by the compute threads they start), so when encodes and clicks
+compete for the cores, the clicks get them first. Queues are bounded: a full interactive queue (or a client's own
 share of it) rejects the job with :class:`Overloaded` (HTTP 503 with Retry-After), a full prefetch
 queue drops its oldest job. Plain Python, no web framework: the HTTP side is ``infer_route``.
 """
@@ -23,6 +25,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import threading
 import time
 from collections import OrderedDict, deque
@@ -33,6 +36,16 @@ from enum import IntEnum
 from typing import Any
 
 logger = logging.getLogger(__name__)
+
+
+def lower_thread_priority(by: int) -> None:
+    """Raise the calling thread's niceness by ``by`` (Linux: per thread; threads it starts later
+    inherit it). Does nothing where that is not possible."""
+    try:
+        tid = threading.get_native_id()
+        os.setpriority(os.PRIO_PROCESS, tid, min(19, os.getpriority(os.PRIO_PROCESS, tid) + by))
+    except (AttributeError, OSError):
+        pass
 
 
 class Priority(IntEnum):
@@ -90,6 +103,7 @@ class SchedulerSettings:
     prefetch_queue_limit: int = 64  # prefetch_queue_limit: background jobs waiting (oldest dropped)
     prefetch_on_open: bool = False  # prefetch_on_open: a client's first prompt on an image encodes it all
     torch_threads: int = 0  # scheduler_torch_threads: torch intra-op threads (0: leave torch's default)
+    worker_nice: int = 5  # scheduler_worker_nice: general workers' niceness above the click lane's (0: same)
 
     @classmethod
     def from_conf(cls, conf: dict[str, str] | None) -> SchedulerSettings:
@@ -105,6 +119,7 @@ class SchedulerSettings:
             prefetch_queue_limit=_int(conf, "prefetch_queue_limit", d.prefetch_queue_limit, 1, 100_000),
             prefetch_on_open=_flag(conf, "prefetch_on_open", d.prefetch_on_open),
             torch_threads=_int(conf, "scheduler_torch_threads", d.torch_threads, 0, 1024),
+            worker_nice=_int(conf, "scheduler_worker_nice", d.worker_nice, 0, 19),
         )
 
 
@@ -257,6 +272,8 @@ class InferenceScheduler:
             self._threads.append(thread)
 
     def _work(self, click_lane: bool) -> None:
+        if not click_lane and self.settings.worker_nice:
+            lower_thread_priority(self.settings.worker_nice)
         while True:
             with self._cond:
                 job = self._take(click_lane)
