@@ -37,6 +37,7 @@ from monailabel.interfaces.exception import (
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 
+from lib.core.config import design_option_problem
 from lib.datastore import max_upload_mb
 from lib.ohif import install as install_ohif
 from lib.serving.infer_route import install as install_serving
@@ -64,6 +65,15 @@ def json_field_problem(name: str, value: object) -> str | None:
     if not isinstance(parsed, dict):
         return f"form field '{name}' must be a JSON object, got {type(parsed).__name__}"
     return None
+
+
+def train_options_problem(body: bytes) -> str | None:
+    """Why a train request's JSON options name an unknown adapter design or head (None otherwise)."""
+    try:
+        options = json.loads(body) if body.strip() else {}
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return None  # MONAI Label's own parsing answers malformed bodies
+    return design_option_problem(options) if isinstance(options, dict) else None
 
 
 class RequestGuard:
@@ -102,6 +112,12 @@ class RequestGuard:
                 body.write(chunk)
                 more = message.get("more_body", False)
             content_type = headers.get(b"content-type", b"").decode("latin-1").lower()
+            if scope["path"].rstrip("/") == "/train" or scope["path"].startswith("/train/"):
+                body.seek(0)
+                problem = train_options_problem(body.read(size))
+                if problem:  # refused before MONAI Label starts a round in its subprocess
+                    await self._reply(scope, receive, send, 422, problem)
+                    return
             if content_type.startswith(FORM_TYPES):
                 body.seek(0)
                 problem = await self._form_problem(scope, self._replay(body, size, receive))

@@ -1,4 +1,5 @@
-"""Bottleneck adapters (Medical SAM Adapter design) added to a backbone by wrapping its sub-modules.
+"""Adapters added to a backbone by wrapping its sub-modules: the Medical SAM Adapter design (``msa``,
+bottleneck adapters) here, SAMUS's encoder parts (``samus``) in :mod:`.samus`.
 
 The backbone's own classes are never modified: a block's ``attn``/``mlp`` attribute is replaced by a
 wrapper module that calls the original and adds the adapter's output. Up-projections start at zero,
@@ -83,7 +84,14 @@ def decoder_blocks(mask_decoder: nn.Module) -> list[nn.Module]:
 
 
 def add_encoder_adapters(image_encoder: nn.Module, settings: AdapterSettings) -> int:
-    """Two adapters per transformer block: after attention, and beside the MLP. Returns the block count."""
+    """The encoder side of ``settings.design``. ``msa``: two adapters per transformer block, after
+    attention and beside the MLP; ``samus``: see :mod:`.samus`. Returns the adapted block count."""
+    if settings.design == "samus":
+        from .samus import add_samus_encoder_adapters
+
+        return add_samus_encoder_adapters(image_encoder, settings)
+    if settings.design != "msa":
+        raise ValueError(f"unknown adapter design {settings.design!r}")
     blocks = encoder_blocks(image_encoder)
     for block in blocks:
         dim = _first_linear_in(block.mlp)
@@ -94,7 +102,7 @@ def add_encoder_adapters(image_encoder: nn.Module, settings: AdapterSettings) ->
 
 def add_decoder_adapters(mask_decoder: nn.Module, settings: AdapterSettings) -> int:
     """Three adapters per two-way block: after token self-attention, beside the token MLP, after
-    image-to-token cross-attention. Returns the block count."""
+    image-to-token cross-attention (every design: SAMUS changes only the encoder). Returns the block count."""
     blocks = decoder_blocks(mask_decoder)
     for block in blocks:
         dim = block.self_attn.embedding_dim

@@ -18,6 +18,25 @@ TRAINABLE_PARTS = (
     "prompt_free_head",
 )
 INTENSITY_MODES = ("auto", "ct", "percentile", "minmax")
+# adapter designs (lib/core/adapters.py): msa = Medical SAM Adapter (default), samus = SAMUS's encoder parts
+ADAPTER_DESIGNS = ("msa", "samus")
+HEADS = ("decoder", "unet", "linear")  # AutoSAM's prompt-free heads (lib/core/heads.py)
+DESIGN_OPTIONS = {"adapter_design": ADAPTER_DESIGNS, "head": HEADS}  # train request options
+
+
+def design_option_problem(options: dict[str, Any]) -> str | None:
+    """Why a train request's ``adapter_design`` / ``head`` option is unusable (None when fine or absent).
+    A list means its first item (clients send config options as shown)."""
+    for key, known in DESIGN_OPTIONS.items():
+        value = options.get(key)
+        if isinstance(value, list):
+            value = value[0] if value else None
+        if value in (None, ""):
+            continue
+        if value not in known:
+            return f"train option {key!r}: unknown {value!r}; known: {list(known)}"
+    return None
+
 
 
 class ProfileError(ValueError):
@@ -30,9 +49,18 @@ class AdapterSettings:
     decoder: bool = True
     ratio: float = 0.25
     mlp_scale: float = 0.5
+    design: str = "msa"  # one of ADAPTER_DESIGNS
+    head: str = "decoder"  # prompt-free head, one of HEADS
 
     def as_dict(self) -> dict[str, Any]:
-        return {"encoder": self.encoder, "decoder": self.decoder, "ratio": self.ratio, "mlp_scale": self.mlp_scale}
+        return {
+            "encoder": self.encoder,
+            "decoder": self.decoder,
+            "ratio": self.ratio,
+            "mlp_scale": self.mlp_scale,
+            "design": self.design,
+            "head": self.head,
+        }
 
 
 @dataclass(frozen=True)
@@ -77,6 +105,8 @@ class ModelProfile:
     inference: InferenceSettings = field(default_factory=InferenceSettings)
     labels: tuple[str, ...] = ()
     adapter_checkpoint: Path | None = None  # default adapters shipped with the app (None: bare base model)
+    # prompt-free head shipped with the app, loaded on top of whatever is served when that has no trained head
+    auto_head_checkpoint: Path | None = None
     description: str = ""
     source: Path | None = None
 
@@ -148,9 +178,16 @@ def parse_profile(data: dict[str, Any], source: Path | None = None) -> ModelProf
         raise ProfileError(f"{where}: unknown backbone {backbone!r}; known: {sorted(BACKBONES)}")
     checkpoint = _path(data.pop("checkpoint", None), base, where, "checkpoint")
     adapter_checkpoint = _path(data.pop("adapter_checkpoint", None), base, where, "adapter_checkpoint")
+    auto_head_checkpoint = _path(data.pop("auto_head_checkpoint", None), base, where, "auto_head_checkpoint")
     adapters = _section(data, "adapters", AdapterSettings, where)
     if not 0 < adapters.ratio <= 1:
         raise ProfileError(f"{where}: [adapters].ratio must be in (0, 1], got {adapters.ratio}")
+    if adapters.design not in ADAPTER_DESIGNS:
+        raise ProfileError(
+            f"{where}: [adapters].design must be one of {list(ADAPTER_DESIGNS)}, got {adapters.design!r}"
+        )
+    if adapters.head not in HEADS:
+        raise ProfileError(f"{where}: [adapters].head must be one of {list(HEADS)}, got {adapters.head!r}")
     preprocessing = _section(data, "preprocessing", PreprocessSettings, where)
     if preprocessing.intensity not in INTENSITY_MODES:
         raise ProfileError(f"{where}: [preprocessing].intensity must be one of {INTENSITY_MODES}")
@@ -181,6 +218,7 @@ def parse_profile(data: dict[str, Any], source: Path | None = None) -> ModelProf
         inference=inference,
         labels=tuple(labels),
         adapter_checkpoint=adapter_checkpoint,
+        auto_head_checkpoint=auto_head_checkpoint,
         description=str(description),
         source=source,
     )

@@ -16,7 +16,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from .checkpoint import AdapterCheckpoint
+from .checkpoint import AdapterCheckpoint, load_shipped_head
 from .config import ModelProfile
 from .model import AdaptedSam
 from .training import AdapterTrainer, LabelledVolume, TrainResult, TrainSettings, prepare_samples
@@ -50,6 +50,8 @@ def _worker(rank: int, world: int, port: int, job: DistributedJob) -> None:
         model = AdaptedSam.from_profile(job.profile)
         if job.start_adapters is not None:
             AdapterCheckpoint.load(job.start_adapters).apply_to(model)
+        if not model.prompt_free_head_trained:  # as served: the shipped prompt-free head, if any
+            load_shipped_head(job.profile, model)
         model.to(device).freeze_all_but(list(job.parts))
         train = prepare_samples(model, job.train, job.profile.preprocessing, job.settings, device)
         val = prepare_samples(model, job.val, job.profile.preprocessing, job.settings, device) if rank == 0 else []

@@ -15,7 +15,7 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -23,7 +23,7 @@ import torch
 from torch import Tensor
 
 from .cache import EmbeddingCache
-from .checkpoint import AdapterCheckpoint, CheckpointError
+from .checkpoint import AdapterCheckpoint, CheckpointError, load_shipped_head
 from .config import ModelProfile
 from .model import AdaptedSam, part_of
 from .orientation import SliceView
@@ -196,9 +196,13 @@ class InteractiveSegmenter:
 
     def _build(self, source: tuple) -> LoadedModel:
         kind, version, path, _ = source
-        if self._loaded is None:
-            model = AdaptedSam.from_profile(self.profile)
-            self._base_state = {k: v.clone() for k, v in model.adaptable_state().items()}
+        ckpt = AdapterCheckpoint.load(path) if kind != "base" else None
+        # a checkpoint of another adapter design or head (a round asked for it) gets a model built for it
+        wanted = ckpt.adapter_settings() if ckpt is not None else self.profile.adapters
+        if self._loaded is None or wanted != self.profile.adapters or self._loaded.model.adapter_settings != wanted:
+            model = AdaptedSam.from_profile(replace(self.profile, adapters=wanted))
+            if self._base_state is None and wanted == self.profile.adapters:
+                self._base_state = {k: v.clone() for k, v in model.adaptable_state().items()}
         else:
             # a new model object for the new version (requests in flight keep theirs); the frozen
             # backbone tensors are shared, only the adaptable ones are copied
@@ -211,12 +215,13 @@ class InteractiveSegmenter:
             model.trained_with_mask_prompts = False
             model.trained_multimask_single_click = False
         fingerprint = "base"
-        if kind != "base":
-            ckpt = AdapterCheckpoint.load(path)
+        if ckpt is not None:
             ckpt.apply_to(model)
             version = ckpt.version if kind == "published" else 0
             enc = ckpt.fingerprint("image_encoder.")
             fingerprint = f"enc-{enc}"
+        if not model.prompt_free_head_trained:
+            load_shipped_head(self.profile, model)  # the head shipped for this embedding, if any
         model.to(self.device).eval()
         return LoadedModel(model, version, f"{self.profile.name}:{fingerprint}", shipped=kind == "shipped")
 
@@ -361,6 +366,7 @@ class InteractiveSegmenter:
         total_ms = (time.perf_counter() - begin) * 1e3
         params = {
             "model_version": loaded.name,
+            "adapter_design": loaded.model.adapter_settings.design,
             "slice": k,
             "embedding_cached": first.embedding_cached,
             "refined_with_previous_logits": previous is not None,
@@ -401,7 +407,13 @@ class InteractiveSegmenter:
             label[tuple(index)] = view.from_display(labels_k)
         return SegmentationOutput(
             label,
-            {"model_version": loaded.name, "latency_ms": {"total": round((time.perf_counter() - begin) * 1e3, 1)}},
+            {
+                "model_version": loaded.name,
+                "adapter_design": loaded.model.adapter_settings.design,
+                "head": loaded.model.adapter_settings.head,
+                "labels": {name: i + 1 for i, name in enumerate(loaded.model.labels)},
+                "latency_ms": {"total": round((time.perf_counter() - begin) * 1e3, 1)},
+            },
         )
 
     def uncertainty(self, volume: Volume, slices: int = 6, axis: int = 2) -> dict:

@@ -10,7 +10,7 @@ from torch import Tensor, nn
 from .adapters import add_decoder_adapters, add_encoder_adapters
 from .backbones import Backbone, build_backbone
 from .config import TRAINABLE_PARTS, AdapterSettings, ModelProfile
-from .heads import PromptFreeHead
+from .heads import build_head
 
 
 def part_of(name: str) -> str | None:
@@ -82,7 +82,7 @@ class AdaptedSam(nn.Module):
                 add_encoder_adapters(self.image_encoder, adapters)
             if adapters.decoder:
                 add_decoder_adapters(self.mask_decoder, adapters)
-            self.prompt_free_head = PromptFreeHead(len(self.labels)) if self.labels else None
+            self.prompt_free_head = build_head(adapters.head, len(self.labels)) if self.labels else None
         self.prompt_free_head_trained = False  # set when trained adapters with a fitted head are loaded
         self.trained_with_mask_prompts = False  # set when the loaded adapters learnt to use fed-back logits
         self.trained_multimask_single_click = False  # set when they learnt three masks for a lone click

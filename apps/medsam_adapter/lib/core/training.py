@@ -67,6 +67,8 @@ class TrainSettings:
     cosine_schedule: bool = False  # learning rate decays to 0 over max_epochs (cosine)
     negative_click_share: float = 0.0  # how often the trained round is one ending in a negative click
     grad_clip_norm: float = 0.0  # clip the gradients' global norm to this (0: no clipping)
+    adapter_design: str = ""  # "": the served design; another one starts from that design's fresh adapters
+    head: str = ""  # "": the served prompt-free head kind; another one starts fresh
 
 
 @dataclass

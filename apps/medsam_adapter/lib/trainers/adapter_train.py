@@ -11,7 +11,7 @@ import json
 import logging
 import tempfile
 import time
-from dataclasses import asdict, fields
+from dataclasses import asdict, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -23,10 +23,11 @@ from monailabel.interfaces.datastore import Datastore, DefaultLabelTag
 from monailabel.interfaces.tasks.train import TrainTask
 
 from lib.core.atomic import atomic_write
-from lib.core.config import TRAINABLE_PARTS
+from lib.core.config import ADAPTER_DESIGNS, HEADS, TRAINABLE_PARTS, design_option_problem
 from lib.core.dicom_seg import read_seg
 from lib.core.distributed import DistributedJob, train_distributed
 from lib.core.engine import InteractiveSegmenter, publish_adapters
+from lib.core.model import AdaptedSam
 from lib.core.training import (
     AdapterTrainer,
     LabelledVolume,
@@ -93,6 +94,8 @@ class AdapterTrainTask(TrainTask):
             "seed": defaults.seed,
             "multi_gpu": torch.cuda.device_count() > 1,
             "gpus": "all",
+            "adapter_design": ["", *ADAPTER_DESIGNS],  # "": keep the served design
+            "head": ["", *HEADS],  # "": keep the served prompt-free head kind
             **self.defaults,
         }
 
@@ -124,6 +127,9 @@ class AdapterTrainTask(TrainTask):
         settings = TrainSettings(**kwargs)
         if settings.max_epochs < 1 or settings.learning_rate <= 0 or not 0 <= settings.val_fraction < 1:
             raise TrainingDataError("train options: max_epochs >= 1, learning_rate > 0, 0 <= val_split < 1")
+        problem = design_option_problem(asdict(settings))
+        if problem:
+            raise TrainingDataError(problem)
         publish = value("publish", str, "if_better")
         if publish not in ("if_better", "always"):
             raise TrainingDataError("train option 'publish' must be 'if_better' or 'always'")
@@ -137,6 +143,28 @@ class AdapterTrainTask(TrainTask):
         if not settings.train_prompt_free_head:
             parts = [p for p in parts if p != "prompt_free_head"]
         return parts
+
+    def _start_model(self, served: AdaptedSam, settings: TrainSettings, notes: list[str]) -> tuple[AdaptedSam, Any]:
+        """(model to train, adapter file a distributed rank starts from): a copy of the served model, or,
+        when the request asks for another adapter design or head, a model of that design with fresh
+        adapters (same design, other head: the served adapters with a fresh head)."""
+        current = served.adapter_settings
+        wanted = replace(current, design=settings.adapter_design or current.design, head=settings.head or current.head)
+        if wanted == current:
+            return clone_for_training(served), self.segmenter.served_adapters()
+        model = AdaptedSam.from_profile(replace(self.segmenter.profile, adapters=wanted))
+        if wanted.design == current.design:
+            own = dict(model.named_parameters())
+            with torch.no_grad():
+                for name, tensor in served.adaptable_state().items():
+                    if not name.startswith("prompt_free_head.") and name in own:
+                        own[name].copy_(tensor)
+            model.trained_with_mask_prompts = served.trained_with_mask_prompts
+        notes.append(
+            f"adapter design '{wanted.design}', head '{wanted.head}' asked for (served: '{current.design}', "
+            f"'{current.head}'): " + ("fresh head" if wanted.design == current.design else "fresh adapters")
+        )
+        return model, None
 
     # -- the round --------------------------------------------------------------------------------
     def __call__(self, request: dict, datastore: Datastore) -> dict[str, Any]:
@@ -217,7 +245,8 @@ class AdapterTrainTask(TrainTask):
         notes: list[str] = []
         device = self.segmenter.device
         served = self.segmenter.current()
-        model = clone_for_training(served.model).to(device)
+        model, start_adapters = self._start_model(served.model, settings, notes)
+        model = model.to(device)
         model.freeze_all_but(self.parts(settings))
         volumes = self._volumes(datastore, notes)
         train_vols, val_vols, split_note = split_volumes(volumes, settings.val_fraction, settings.seed)
@@ -245,8 +274,8 @@ class AdapterTrainTask(TrainTask):
         head_known = any(n in model.labels for v in train_vols for n in v.names.values())
         if world > 1:
             job = DistributedJob(
-                self.segmenter.profile,
-                self.segmenter.served_adapters(),
+                replace(self.segmenter.profile, adapters=model.adapter_settings),
+                start_adapters,
                 tuple(self.parts(settings)),
                 tuple(train_vols),
                 tuple(val_vols),

@@ -1,0 +1,191 @@
+"""Adapter designs and prompt-free heads compared as the seed papers compare them (one round each).
+
+    nice -n 10 .venv/bin/python benchmarks/bench_designs.py                      # the full table (slow)
+    nice -n 10 .venv/bin/python benchmarks/bench_designs.py --datasets hippocampus --volumes 1 \\
+        --epochs 1 --steps 4 --slices 4 --val-cases 2                            # a small configuration
+
+For each design (``msa``, ``samus``; with the default ``decoder`` head) and each prompt-free head
+(``decoder``, ``unet``, ``linear``; with the ``msa`` design), and for 1 and 4 labelled training volumes
+(AutoSAM's label-efficiency question), one training round of LiteMedSAM from fresh adapters with the
+product's trainer and simulated annotator, then on held-back validation volumes: box Dice, Dice after
+1 and 3 clicks, prompt-free head Dice (the decoder's low-res frame). Also: trainable parameters, the
+round's wall time (embeddings + training) and its peak resident memory — each configuration runs in its
+own process so its peak is its own.
+
+Data (read in place, never copied): BraTS 2015 FLAIR whole tumour (``mr_brats2015``: 2 train cases, so
+"4 volumes" uses both; validation on ``validation_*``), MSD hippocampus (``train_*`` / ``validation_*``,
+anterior + posterior). ``--encoder-adapters`` (default on) trains the encoder-side parts too: without it
+every design trains the same decoder-side parts on the same cached embeddings (the CPU default), so
+the designs cannot differ. 3D propagation from one box is not measured here (see scripts/evaluate.py).
+Numbers taken on a shared CPU are noisy: rerun on a quiet machine for the README table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+APP = ROOT / "apps" / "medsam_adapter"
+sys.path.insert(0, str(APP))
+
+from lib.core.config import load_profile  # noqa: E402
+from lib.core.model import AdaptedSam  # noqa: E402
+from lib.core.training import AdapterTrainer, LabelledVolume, TrainSettings, prepare_samples  # noqa: E402
+
+DATA = ROOT.parent / "shared" / "data"
+DESIGNS = ("msa", "samus")
+HEADS = ("decoder", "unet", "linear")
+
+
+def brats(split: str, tmp: Path) -> list[LabelledVolume]:
+    out = []
+    for case in sorted((DATA / "mr_brats2015").glob(f"{split}_*")):
+        img = nib.load(str(case / "label.nii.gz"))
+        path = tmp / f"{case.name}_wt.nii.gz"
+        if not path.exists():
+            nib.save(nib.Nifti1Image((np.asarray(img.dataobj) > 0).astype(np.uint8), img.affine), str(path))
+        out.append(LabelledVolume(case / "flair.nii.gz", path, {1: "tumour"}, case.name))
+    return out
+
+
+def hippocampus(split: str, tmp: Path) -> list[LabelledVolume]:
+    names = {1: "hippocampus_anterior", 2: "hippocampus_posterior"}
+    return [
+        LabelledVolume(c / "image.nii.gz", c / "label.nii.gz", names, c.name)
+        for c in sorted((DATA / "mr_hippocampus_msd").glob(f"{split}_hippocampus_*"))
+    ]
+
+
+DATASETS = {"brats": (brats, ("tumour",)), "hippocampus": (hippocampus, ("hippocampus_anterior",
+                                                                        "hippocampus_posterior"))}
+
+
+def one_round(args: argparse.Namespace) -> dict:
+    """One configuration in this process: build, train one round, validate; numbers as a dict."""
+    torch.manual_seed(args.seed)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    tmp = Path(tempfile.gettempdir()) / "bench_designs"
+    tmp.mkdir(exist_ok=True)
+    load, labels = DATASETS[args.dataset]
+    train_vols = load("train", tmp)[: args.n]
+    val_vols = load("validation", tmp)[: args.val_cases]
+    base = load_profile(APP / "configs" / "lite_medsam.toml")
+    profile = replace(base, labels=labels, adapters=replace(base.adapters, design=args.design, head=args.head))
+    model = AdaptedSam.from_profile(profile).to(device)
+    parts = ["decoder_adapters", "output_upscaling", "hypernetworks", "iou_head", "mask_tokens", "prompt_free_head"]
+    if args.encoder_adapters:
+        parts.append("encoder_adapters")
+    model.freeze_all_but(parts)
+    settings = TrainSettings(
+        max_epochs=args.epochs, steps_per_epoch=args.steps, batch_size=args.batch, learning_rate=args.lr,
+        max_slices_per_volume=args.slices, seed=args.seed, train_encoder_adapters=args.encoder_adapters,
+        patience=args.epochs,
+    )
+    start = time.time()
+    train = prepare_samples(model, train_vols, profile.preprocessing, settings, device)
+    val_settings = replace(settings, train_encoder_adapters=False)
+    prepared = time.time() - start
+    trainer = AdapterTrainer(model, settings, device)
+    result = trainer.fit(train, [], feed_logits_before=False)
+    if result.best_state is not None:
+        with torch.no_grad():
+            own = dict(model.named_parameters())
+            for name, tensor in result.best_state.items():
+                own[name].copy_(tensor)
+    round_seconds = time.time() - start
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    if device.type == "cuda":
+        peak = torch.cuda.max_memory_allocated() / 2**20
+    val = prepare_samples(model, val_vols, profile.preprocessing, val_settings, device)
+    metrics = AdapterTrainer(model, val_settings, device).evaluate(val, feed_logits=True, clicks=3)
+    counts = model.parameter_counts()
+    return {
+        "dataset": args.dataset, "design": args.design, "head": args.head, "volumes": len(train_vols),
+        "train_slices": len(train), "val_cases": len(val_vols), "val_slices": len(val),
+        "trainable_parameters": counts["trainable"], "head_parameters": counts.get("prompt_free_head", 0),
+        "encoder_adapter_parameters": counts.get("encoder_adapters", 0),
+        "embedding_seconds": round(prepared, 1), "round_seconds": round(round_seconds, 1),
+        "peak_memory_mb": round(peak, 1), "peak_memory_kind": "cuda" if device.type == "cuda" else "rss",
+        "box_dice": metrics["box_dice"], "click1_dice": metrics["click1_dice"], "click3_dice": metrics["click3_dice"],
+        "auto_dice": metrics.get("auto_dice"), "epochs": result.epochs_run, "steps_per_epoch": args.steps,
+        "encoder_adapters_trained": args.encoder_adapters, "threads": torch.get_num_threads(),
+    }
+
+
+def configurations(designs: list[str], heads: list[str]) -> list[tuple[str, str]]:
+    """Each design with the default head, and each other head with the default design."""
+    out = [(d, "decoder") for d in designs]
+    out += [("msa", h) for h in heads if h != "decoder" and ("msa", h) not in out]
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--datasets", default="brats,hippocampus")
+    parser.add_argument("--designs", default=",".join(DESIGNS))
+    parser.add_argument("--heads", default=",".join(HEADS))
+    parser.add_argument("--volumes", default="1,4", help="labelled training volumes per round")
+    parser.add_argument("--epochs", type=int, default=5)
+    parser.add_argument("--steps", type=int, default=30, help="steps per epoch")
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--lr", type=float, default=1e-4)
+    parser.add_argument("--slices", type=int, default=24, help="labelled slices per training volume")
+    parser.add_argument("--val-cases", type=int, default=10)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--encoder-adapters", action=argparse.BooleanOptionalAction, default=True)
+    parser.add_argument("--out", type=Path, default=None, help="write every result as JSON here")
+    # internal: run one configuration and print its JSON
+    parser.add_argument("--one", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--dataset", help=argparse.SUPPRESS)
+    parser.add_argument("--design", default="msa", help=argparse.SUPPRESS)
+    parser.add_argument("--head", default="decoder", help=argparse.SUPPRESS)
+    parser.add_argument("--n", type=int, default=1, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.one:
+        print("RESULT " + json.dumps(one_round(args)), flush=True)
+        return
+    if not DATA.is_dir():
+        sys.exit(f"{DATA} not found")
+    results = []
+    common = ["--epochs", str(args.epochs), "--steps", str(args.steps), "--batch", str(args.batch), "--lr",
+              str(args.lr), "--slices", str(args.slices), "--val-cases", str(args.val_cases), "--seed", str(args.seed),
+              "--encoder-adapters" if args.encoder_adapters else "--no-encoder-adapters"]
+    for dataset in args.datasets.split(","):
+        for n in (int(v) for v in args.volumes.split(",")):
+            for design, head in configurations(args.designs.split(","), args.heads.split(",")):
+                cmd = [sys.executable, __file__, "--one", "--dataset", dataset, "--design", design, "--head", head,
+                       "--n", str(n), *common]
+                proc = subprocess.run(cmd, capture_output=True, text=True)
+                line = next((x for x in proc.stdout.splitlines() if x.startswith("RESULT ")), None)
+                if line is None:
+                    print(f"{dataset} n={n} {design}/{head}: failed\n{proc.stderr[-2000:]}", flush=True)
+                    continue
+                res = json.loads(line[len("RESULT "):])
+                results.append(res)
+                print(json.dumps(res), flush=True)
+    print("\n| dataset | volumes | design | head | trainable | round s | peak MB | box | 1 click | 3 clicks | auto |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    for r in results:
+        auto = f"{r['auto_dice']:.3f}" if r["auto_dice"] is not None else "–"
+        print(f"| {r['dataset']} | {r['volumes']} | {r['design']} | {r['head']} | {r['trainable_parameters']:,} | "
+              f"{r['round_seconds']:.0f} | {r['peak_memory_mb']:.0f} | {r['box_dice']:.3f} | {r['click1_dice']:.3f} | "
+              f"{r['click3_dice']:.3f} | {auto} |")
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps({"argv": sys.argv[1:], "results": results}, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
