@@ -5,6 +5,8 @@ Options (``--conf KEY VALUE``):
   device   cpu | cuda (default: cuda when available)
   embedding_cache_mb   override the profiles' embedding cache size (0 re-encodes on every click)
   adapter_version      serve this published adapter version instead of the newest (rollback)
+  encoder_runtime      auto (default) | torch | torch_bf16 | torch_fp16 | openvino_fp32 | openvino_bf16:
+                       overrides the profiles' [inference] encoder_runtime (lib/serving/runtimes.py)
   shipped_adapters     true (default) | false: start from the adapters shipped with a profile (the
                        click adapter of lite_medsam) or from the bare base model
   max_upload_mb        largest accepted upload (image, label, request body) in MiB (default 2048);
@@ -40,7 +42,7 @@ from monailabel.tasks.activelearning.first import First
 from monailabel.tasks.activelearning.random import Random
 
 from lib.activelearning import HeadUncertaintyScoring, UncertaintyStrategy
-from lib.core.config import ModelProfile, ProfileError, load_profiles
+from lib.core.config import ModelProfile, ProfileError, check_encoder_runtime, load_profiles
 from lib.core.engine import InteractiveSegmenter
 from lib.datastore import GuardedDatastore, max_upload_mb
 from lib.infers.tasks import AutoTask, DeepEditTask, PromptedTask
@@ -67,6 +69,11 @@ class MedSamAdapterApp(MONAILabelApp):
         self.profiles = self._select_profiles(Path(app_dir) / "configs", conf.get("models", ""))
         if not _conf_flag(conf, "shipped_adapters", True):
             self.profiles = {n: replace(p, adapter_checkpoint=None) for n, p in self.profiles.items()}
+        if conf.get("encoder_runtime"):
+            runtime = check_encoder_runtime(conf["encoder_runtime"], "--conf encoder_runtime")
+            self.profiles = {
+                n: replace(p, inference=replace(p.inference, encoder_runtime=runtime)) for n, p in self.profiles.items()
+            }
         device = conf.get("device") or None
         cache_mb = conf.get("embedding_cache_mb")
         self.segmenters = {

@@ -18,6 +18,8 @@ TRAINABLE_PARTS = (
     "prompt_free_head",
 )
 INTENSITY_MODES = ("auto", "ct", "percentile", "minmax")
+# image-encoder runtimes (lib/serving/runtimes.py); auto: the fastest verified one on this machine
+ENCODER_RUNTIMES = ("auto", "torch", "torch_bf16", "torch_fp16", "openvino_fp32", "openvino_bf16")
 # adapter designs (lib/core/adapters.py): msa = Medical SAM Adapter (default), samus = SAMUS's encoder parts
 ADAPTER_DESIGNS = ("msa", "samus")
 HEADS = ("decoder", "unet", "linear")  # AutoSAM's prompt-free heads (lib/core/heads.py)
@@ -41,6 +43,13 @@ def design_option_problem(options: dict[str, Any]) -> str | None:
 
 class ProfileError(ValueError):
     """A model profile is missing, malformed or inconsistent."""
+
+
+def check_encoder_runtime(name: str, where: str) -> str:
+    """``name`` when it is a known encoder runtime, else a :class:`ProfileError` saying ``where``."""
+    if name not in ENCODER_RUNTIMES:
+        raise ProfileError(f"{where}: unknown encoder runtime {name!r}; known: {list(ENCODER_RUNTIMES)}")
+    return name
 
 
 @dataclass(frozen=True)
@@ -90,6 +99,7 @@ class InferenceSettings:
     propagation_min_iou: float = 0.0
     embedding_cache_mb: int = 512
     volume_cache_mb: int = 1024
+    encoder_runtime: str = "auto"  # one of ENCODER_RUNTIMES
 
 
 @dataclass(frozen=True)
@@ -197,6 +207,7 @@ def parse_profile(data: dict[str, Any], source: Path | None = None) -> ModelProf
     for option in ("refine_with_logits", "multimask_for_single_click"):
         if getattr(inference, option) not in ("auto", "always", "never"):
             raise ProfileError(f"{where}: [inference].{option} must be auto, always or never")
+    check_encoder_runtime(inference.encoder_runtime, f"{where}: [inference].encoder_runtime")
     trainable = data.pop("trainable", list(TRAINABLE_PARTS))
     if not isinstance(trainable, list) or any(p not in TRAINABLE_PARTS for p in trainable):
         raise ProfileError(f"{where}: `trainable` must be a list drawn from {list(TRAINABLE_PARTS)}")

@@ -223,7 +223,10 @@ class InteractiveSegmenter:
         if not model.prompt_free_head_trained:
             load_shipped_head(self.profile, model)  # the head shipped for this embedding, if any
         model.to(self.device).eval()
-        return LoadedModel(model, version, f"{self.profile.name}:{fingerprint}", shipped=kind == "shipped")
+        from ..serving.runtimes import RuntimeEncoder  # the profile's encoder runtime, prepared on first use
+
+        encode = RuntimeEncoder(model, self.profile.inference.encoder_runtime)
+        return LoadedModel(model, version, f"{self.profile.name}:{fingerprint}", kind == "shipped", encode)
 
     def bare_model(self) -> LoadedModel:
         """The base model without any adapters (built once, sharing the frozen backbone)."""

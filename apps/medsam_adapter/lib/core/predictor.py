@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -23,6 +24,8 @@ class LoadedModel:
     version: int  # published adapter version; 0: the base model or the profile's shipped adapters
     encoder_fingerprint: str  # changes only when the encoder's adapters change
     shipped: bool = False  # the profile's shipped adapters (version 0)
+    # the encoder runtime (lib/serving/runtimes.py) for inference; None: the model's own torch encode
+    encode: Callable[[Tensor], Tensor] | None = field(default=None, compare=False, repr=False)
 
     @property
     def name(self) -> str:
@@ -81,7 +84,7 @@ class SlicePredictor:
         def compute() -> Tensor:
             x = normalize_slice(image, window, self.preprocessing.per_slice_minmax)
             with torch.inference_mode():
-                return self.model.encode(frame.image_to_model(x).to(self.device))
+                return (self.loaded.encode or self.model.encode)(frame.image_to_model(x).to(self.device))
 
         start = time.perf_counter()
         embedding, cached = self.cache.get_or_compute(self.loaded.encoder_fingerprint, key, compute)

