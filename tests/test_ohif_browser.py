@@ -254,7 +254,7 @@ def test_ohif_save_label_on_a_local_folder_stores_labels_final(tmp_path):
         try:
             out = ARTIFACTS / "save_label_local"
             shutil.rmtree(out, ignore_errors=True)
-            steps = run_save_label_script(server.url, study, out)
+            steps = run_save_label_script(server.url, study, out, "quick")  # Run medsam_2d, Save Label
         finally:
             server.stop()
     finally:
@@ -262,7 +262,7 @@ def test_ohif_save_label_on_a_local_folder_stores_labels_final(tmp_path):
     check_viewer_basics(steps, server.url)
     stored = studies / "labels" / "final" / f"{uid}.nii.gz"
     assert stored.is_file(), f"no label under labels/final: {sorted(p.name for p in studies.rglob('*'))}"
-    returned, label = load_volume(out / "run_3d.nrrd"), load_volume(stored)
+    returned, label = load_volume(out / "run_2d.nrrd"), load_volume(stored)
     assert label.shape == returned.shape and np.allclose(label.affine, returned.affine, atol=1e-3)
     assert returned.array.any() and np.array_equal(label.array > 0, returned.array > 0), "stored != returned mask"
     assert set(np.unique(label.array)) == {0, 1}

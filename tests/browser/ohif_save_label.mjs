@@ -1,9 +1,10 @@
 // The OHIF annotator's loop in Debian's Chromium, through MONAI Label mode as served by the app:
 // a bad server address first (a message, no crash); connect; click on the spleen, Run medsam_2d and
-// medsam_3d; Save Label; then (with "train") Update Model, wait for DONE, and Run medsam_3d again.
+// medsam_3d (only medsam_2d with "quick"); Save Label; then (with "train") Update Model, wait for
+// DONE, and Run medsam_3d again.
 // Prints one JSON line per step; keeps each Run's label (raw NRRD) and screenshots in OUT_DIR.
 //
-//   node ohif_save_label.mjs SERVER_URL STUDY_UID OUT_DIR [train]
+//   node ohif_save_label.mjs SERVER_URL STUDY_UID OUT_DIR [train|quick]
 import { mkdirSync, writeFileSync } from 'node:fs';
 import { chromium } from 'playwright-core';
 
@@ -60,7 +61,7 @@ try {
     await page.mouse.click(axial.x + axial.width * 0.5, axial.y + axial.height * 0.55); // inside the spleen
     await page.waitForTimeout(1000);
     const [response] = await Promise.all([
-      page.waitForResponse((r) => r.url().includes(`/infer/${task}`), { timeout: 600000 }),
+      page.waitForResponse((r) => r.url().includes(`/infer/${task}`), { timeout: 1200000 }),
       page.click('button[title="Run PointPrompts"]'),
     ]);
     const body = await response.body();
@@ -74,7 +75,7 @@ try {
   }
 
   await run('medsam_2d', 'run_2d');
-  await run('medsam_3d', 'run_3d');
+  if (mode !== 'quick') await run('medsam_3d', 'run_3d');
 
   // Save Label: the panel's labelmap as label.bin with its names
   const [saved] = await Promise.all([
