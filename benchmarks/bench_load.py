@@ -409,6 +409,7 @@ def fresh_copy(work: Path, name: str) -> tuple[Path, Path]:
 
 def side_by_side(report: dict, modes: list[str]) -> str:
     """A plain-text table: p50/p95 per request kind and phase, one column pair per mode."""
+    modes = [m for m in modes if "failed" not in report[m]]
     rows = [f"{'phase':<16}{'request':<22}" + "".join(f"{m + ' p50/p95 ms':>28}" for m in modes)]
     phases = ("inference_only", "with_training")
     for phase in phases:
@@ -543,7 +544,11 @@ def main() -> None:
     }
     try:
         for mode in modes:
-            run_mode(mode, args, work, shapes, report)
+            try:
+                run_mode(mode, args, work, shapes, report)
+            except Exception as e:  # noqa: BLE001 - e.g. a server that did not start: the other modes still run
+                report[mode] = {"failed": str(e)[:2000], "targets": []}
+                print(mode, "FAILED:", str(e)[:300], flush=True)
         if args.publish_kills:
             report["publish_kills"] = publish_kills(args.publish_kills, work / "publish_kills")
             print(json.dumps(report["publish_kills"], indent=1))

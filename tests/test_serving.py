@@ -330,3 +330,39 @@ def test_fortran_ordered_writer_input_keeps_every_voxel(tmp_path):
         back = load_volume(path)
         np.testing.assert_array_equal(back.array, label.astype(dtype))
         np.testing.assert_allclose(back.affine, affine)
+
+
+def test_a_precomputed_range_runs_middle_out_one_job_at_a_time_within_its_cache_share():
+    """A real segmenter (the tiny random backbone: fast encodes) and the real scheduler, no server."""
+    from conftest import SAMPLE
+    from lib.core.config import parse_profile
+    from lib.core.engine import InteractiveSegmenter
+    from lib.serving.prefetch import Prefetcher
+
+    profile = parse_profile({"name": "tiny", "backbone": "tiny", "inference": {"encoder_runtime": "torch"}})
+    path = str(SAMPLE / "abdomen_mr.nii.gz")  # 20 slices
+    scheduler = InferenceScheduler(SchedulerSettings(general_workers=1, click_lane=False, worker_nice=0))
+    try:
+        whole = InteractiveSegmenter(profile, device="cpu", embedding_cache_mb=200)
+        prefetcher = Prefetcher(scheduler, depth=2)
+        progress = prefetcher.precompute(whole, "tiny_2d", "mr", path, first=8, last=11)
+        assert scheduler.stats()["waiting"]["prefetch"] <= 1  # one queued step per range, not four jobs
+        deadline = time.time() + 600
+        while progress.state in ("queued", "running"):
+            assert time.time() < deadline, progress
+            time.sleep(0.05)
+        assert (progress.state, progress.done, progress.encoded, progress.total) == ("done", 4, 4, 4)
+        assert all(whole.has_embedding(path, k) for k in range(8, 12))
+        assert not whole.has_embedding(path, 7) and not whole.has_embedding(path, 12)
+
+        per_slice = whole.embeddings.nbytes / len(whole.embeddings)
+        small = InteractiveSegmenter(profile, device="cpu", embedding_cache_mb=per_slice * 5.5 / 1e6)
+        limited = prefetcher.precompute(small, "tiny_2d", "mr", path)
+        while limited.state in ("queued", "running"):
+            assert time.time() < deadline, limited
+            time.sleep(0.05)
+        assert limited.state == "limited" and limited.encoded == 2, limited  # half of 5.5 slices
+        assert small.embeddings.nbytes <= small.embeddings.max_bytes
+        assert small.has_embedding(path, 9) and small.has_embedding(path, 10)  # the middle (of 0..19) first, then out
+    finally:
+        scheduler.close()

@@ -62,7 +62,7 @@ class RangeProgress:
     total: int
     done: int = 0  # slices handled (encoded now or found cached)
     encoded: int = 0  # of those, encoded by this range
-    state: str = "queued"  # queued | running | done | limited | failed
+    state: str = "queued"  # queued | running | done | limited (cache share used) | failed | stopped | replaced
     detail: str = ""
     started: float = field(default_factory=time.time)
     finished: float | None = None
@@ -126,55 +126,68 @@ class Prefetcher:
             current = self._ranges.get((model, image))
             if current and current.state in ("queued", "running") and (current.first, current.last) == (first, last):
                 return current
+            if current and current.state in ("queued", "running"):
+                current.state, current.finished = "replaced", time.time()  # its chain stops at the next step
             progress = RangeProgress(model, image, first, last, total=last - first + 1)
             self._ranges[(model, image)] = progress
             self._ranges.move_to_end((model, image))
             while len(self._ranges) > MAX_TRACKED:
                 self._ranges.popitem(last=False)
-        owner = f"range:{model}:{image}"
-        self.scheduler.drop_background(owner)
-        budget = segmenter.embeddings.max_bytes * RANGE_SHARE_OF_CACHE
         middle = (first + last) // 2  # from the middle outwards: where the object most likely is
-        order = neighbour_order(middle, None, max(middle - first, last - middle), size)
-        order = [middle] + [s for s in order if first <= s <= last]
-        for s in order:
-            key = ("range", id(segmenter), path, s, window)
-            job = self._range_job(segmenter, progress, path, s, window, budget)
-            try:
-                self.scheduler.submit(Priority.PREFETCH, owner, job, key)
-            except Overloaded:  # only on shutdown: background jobs are never refused otherwise
-                break
+        order = [middle] + [s for s in neighbour_order(middle, None, size, size) if first <= s <= last]
+        self._next_step(segmenter, progress, path, order, 0, window)
         return progress
 
-    @staticmethod
-    def _range_job(
-        segmenter: InteractiveSegmenter, progress: RangeProgress, path: str, s: int, window: str | None, budget: float
-    ):
-        def run() -> None:
-            if progress.state in ("limited", "failed"):
-                return
-            progress.state = "running"
-            try:
-                cache = segmenter.embeddings
-                per_entry = cache.nbytes / len(cache) if len(cache) else 0.0
-                if per_entry and (progress.encoded + 1) * per_entry > budget:
-                    progress.state = "limited"
-                    progress.detail = (
-                        f"stopped after {progress.encoded} encoded slices: a range may fill at most "
-                        f"{RANGE_SHARE_OF_CACHE:.0%} of the embedding cache ({cache.max_bytes / 1e6:.0f} MB)"
-                    )
-                    progress.finished = time.time()
-                    return
-                progress.encoded += int(segmenter.prefetch(path, s, window))
-                progress.done += 1
-                if progress.done >= progress.total:
-                    progress.state = "done"
-                    progress.finished = time.time()
-            except Exception as e:  # noqa: BLE001 - reported through the progress record
-                progress.state, progress.detail, progress.finished = "failed", str(e), time.time()
-                logger.exception("precomputing %s slice %d failed", progress.image, s)
+    def _next_step(
+        self, segmenter: InteractiveSegmenter, progress: RangeProgress, path: str, order: list[int], i: int, window
+    ) -> None:
+        """Queue slice ``order[i]`` of a range; when it has run, the next one is queued (one job per range
+        waits at a time, so a long range neither floods the queue nor loses its order)."""
+        if i >= len(order) or progress.state not in ("queued", "running"):
+            return
 
-        return run
+        def step() -> None:
+            self._encode_range_slice(segmenter, progress, path, order[i], window)
+            self._next_step(segmenter, progress, path, order, i + 1, window)
+
+        def dropped(future) -> None:
+            if future.cancelled() and progress.state in ("queued", "running"):
+                progress.state, progress.finished = "stopped", time.time()
+                progress.detail = "dropped from the background queue (server busy or shutting down); start it again"
+
+        try:
+            future = self.scheduler.submit(Priority.PREFETCH, f"range:{progress.model}:{progress.image}", step)
+        except Overloaded:  # only on shutdown: background jobs are never refused otherwise
+            progress.state, progress.finished, progress.detail = "stopped", time.time(), "the server is shutting down"
+            return
+        future.add_done_callback(dropped)
+
+    @staticmethod
+    def _encode_range_slice(
+        segmenter: InteractiveSegmenter, progress: RangeProgress, path: str, s: int, window: str | None
+    ) -> None:
+        if progress.state not in ("queued", "running"):
+            return
+        progress.state = "running"
+        try:
+            cache = segmenter.embeddings
+            per_entry = cache.nbytes / len(cache) if len(cache) else 0.0
+            if per_entry and (progress.encoded + 1) * per_entry > cache.max_bytes * RANGE_SHARE_OF_CACHE:
+                progress.state = "limited"
+                progress.detail = (
+                    f"stopped after {progress.encoded} encoded slices: a range may fill at most "
+                    f"{RANGE_SHARE_OF_CACHE:.0%} of the embedding cache ({cache.max_bytes / 1e6:.0f} MB)"
+                )
+                progress.finished = time.time()
+                return
+            progress.encoded += int(_encode(segmenter, path, s, window))
+            progress.done += 1
+            if progress.done >= progress.total:
+                progress.state = "done"
+                progress.finished = time.time()
+        except Exception as e:  # noqa: BLE001 - reported through the progress record
+            progress.state, progress.detail, progress.finished = "failed", str(e), time.time()
+            logger.exception("precomputing %s slice %d failed", progress.image, s)
 
     def progress(self, model: str, image: str) -> RangeProgress | None:
         with self._lock:
