@@ -84,6 +84,10 @@ def fp32_masks(served_model, slices) -> list[np.ndarray]:
     return masks(served_model, None, slices)
 
 
+# (mean, min) Dice against torch fp32's masks: fp32 runtimes keep the masks (the bar auto must meet);
+# bf16 measurably changes them (measured 0.983 / 0.864 torch_bf16, 0.987 / 0.924 openvino_bf16), so it
+# is opt-in only and these bounds only catch a broken bf16 graph
+BOUNDS = {"openvino_fp32": (0.995, 0.97), "torch_bf16": (0.97, 0.8), "openvino_bf16": (0.97, 0.8)}
 AVAILABLE = ["torch_bf16"] + (["openvino_fp32", "openvino_bf16"] if HAS_OPENVINO else [])
 
 
@@ -93,12 +97,15 @@ def test_runtime_masks_match_torch_fp32_on_the_shipped_scans(runtime, served_mod
     got = masks(served_model, encoder, slices)
     assert encoder.name == runtime, encoder.failures  # built and passed its probe check, no fallback
     scores = [dice(a, b) for a, b in zip(got, fp32_masks, strict=True)]
-    assert np.mean(scores) >= 0.995 and min(scores) >= 0.97, np.round(scores, 4)
+    mean_bound, min_bound = BOUNDS[runtime]
+    assert np.mean(scores) >= mean_bound and min(scores) >= min_bound, np.round(scores, 4)
+    if runtime in candidates("auto", "cpu"):
+        assert np.mean(scores) >= 0.995
 
 
 def test_auto_is_what_the_served_model_uses_and_is_verified(served_model):
     order = candidates("auto", "cpu")
-    assert order[-1] == "torch" and (order[0].startswith("openvino") or not HAS_OPENVINO)
+    assert order == (["openvino_fp32", "torch"] if HAS_OPENVINO else ["torch"])
     profile = load_profile(APP / "configs" / "lite_medsam.toml")
     assert profile.inference.encoder_runtime == "auto"
     segmenter = InteractiveSegmenter(profile, adapter_dir=None, device="cpu")
