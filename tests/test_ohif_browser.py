@@ -144,6 +144,18 @@ def stored_seg(orthanc: Orthanc, seg_uid: str, folder) -> pydicom.Dataset:
     return path
 
 
+def patient_server(studies, app_dir, log, conf: dict[str, str], tries: int = 3) -> Server:
+    """``Server`` started again when it misses its 120 s start deadline: on the shared 2-core machine
+    other jobs can starve the start (imports, model load); what this module tests comes after it."""
+    for attempt in range(tries):
+        try:
+            return Server(studies, app_dir, log, conf=conf)
+        except RuntimeError as e:
+            if "did not start in time" not in str(e) or attempt == tries - 1:
+                raise
+    raise AssertionError("unreachable")
+
+
 def wait_for_startup_scoring(url: str, timeout: float = 600) -> None:
     """Wait until the scoring round MONAI Label starts with the server has finished: it downloads the
     series into the same DICOMweb cache folder as the first inference, and two processes filling that
@@ -250,11 +262,12 @@ def test_ohif_save_label_on_a_local_folder_stores_labels_final(tmp_path):
         orthanc.upload(folder)
         app_dir = tmp_path / "app"
         shutil.copytree(APP, app_dir, ignore=shutil.ignore_patterns("model", "__pycache__", "logs"))
-        server = Server(studies, app_dir, tmp_path / "server.log", conf={"ohif_dicomweb": orthanc.dicomweb})
+        server = patient_server(studies, app_dir, tmp_path / "server.log", {"ohif_dicomweb": orthanc.dicomweb})
         try:
             out = ARTIFACTS / "save_label_local"
             shutil.rmtree(out, ignore_errors=True)
             steps = run_save_label_script(server.url, study, out, "quick")  # Run medsam_2d, Save Label
+            pacs_segs = orthanc.series("SEG")
         finally:
             server.stop()
     finally:
@@ -269,4 +282,4 @@ def test_ohif_save_label_on_a_local_folder_stores_labels_final(tmp_path):
     datastore = json.loads((studies / "datastore_v2.json").read_text())
     info = datastore["objects"][uid]["labels"]["final"]["info"]
     assert info["label_info"] == [{"name": "spleen", "idx": 1}], info
-    assert orthanc.series("SEG") == [], "a local datastore must not write to the PACS"
+    assert pacs_segs == [], "a local datastore must not write to the PACS"
