@@ -95,6 +95,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--validate-every", type=int, default=250, help="steps between held-out checks")
     parser.add_argument("--head", default="decoder", help="decoder | unet | linear")
     parser.add_argument("--max-slices", type=int, default=30, help="labelled slices per volume (evenly spaced)")
     parser.add_argument("--cache", type=Path, default=Path("/tmp/medsam_auto_head_embeddings.pt"))
@@ -127,7 +128,8 @@ def main() -> None:
         print(json.dumps(entry), flush=True)
 
     summary = fit_head(model, train, args.steps, device, args.batch, args.lr, args.seed,
-                       validate=lambda: head_dice(model, held, device) if held else {}, log=log)
+                       validate=lambda: head_dice(model, held, device) if held else {}, every=args.validate_every,
+                       log=log)
     by_source: dict[str, dict] = {}
     for source in sorted({s.source for s in train} | {s.source for s in held}):
         group = [s for s in train + held if s.source == source]
@@ -145,7 +147,8 @@ def main() -> None:
         "train_slices": len(train),
         "held_out_slices": len(held),
         "seed": args.seed,
-        "settings": {"steps": args.steps, "batch": args.batch, "lr": args.lr, "schedule": "cosine, AdamW wd 0.01",
+        "settings": {"steps": args.steps, "validate_every": args.validate_every, "batch": args.batch,
+                     "lr": args.lr, "schedule": "cosine, AdamW wd 0.01",
                      "loss": "marginal CE + soft Dice over annotated labels", **asdict(settings)},
         "trainable_parameters": counts["prompt_free_head"],
         "dice_train_data": {k: v for k, v in by_source.items() if any(s.source == k for s in train)},

