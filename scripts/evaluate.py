@@ -178,7 +178,8 @@ def plots(report: dict, out: Path) -> list[str]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("dataset", type=Path)
-    parser.add_argument("--methods", default="base", help="comma-separated: base, shipped, checkpoint path, URL")
+    parser.add_argument("--methods", default="base",
+                        help="comma-separated: base, shipped, checkpoint path, URL; NAME=METHOD names a column")
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--name", help="title of the tables (default: the --out folder's name)")
     parser.add_argument("--profile", default="lite_medsam")
@@ -237,9 +238,10 @@ def main() -> None:
             sys.exit(f"--append: {previous} was made with another dataset or settings")
         report["methods"] = earlier["methods"]
         report["command"] = earlier["command"] + " && " + report["command"]
-    for method in args.methods.split(","):
+    for spec in args.methods.split(","):
         start = time.time()
-        backend = backend_for(method, args.profile, args.device, inference_overrides(args.inference),
+        method, _, source = spec.rpartition("=") if "=" in spec and "://" not in spec else (spec, "", spec)
+        backend = backend_for(source, args.profile, args.device, inference_overrides(args.inference),
                               args.embedding_store)
         slices, volumes = evaluate_cases(backend, cases, settings, structures,
                                          progress=lambda m, method=method: print(f"[{method}] {m}", flush=True))
@@ -248,6 +250,8 @@ def main() -> None:
             "dice_curve": dice_curve(slices),
             "per_case": per_case(slices, volumes),
             "records": records_as_dicts(slices, volumes),
+            "source": source,
+            "inference_overrides": args.inference,
             "seconds": round(time.time() - start, 1),
         }
         print(json.dumps({method: report["methods"][method]["overall"]}, indent=1), flush=True)

@@ -54,10 +54,10 @@ HELD_OUT = ("mr_brats2015", "ct_lesion_deeplesion")
 # (set, cases used for training, cases kept aside for checkpoint selection, labelled slices per case);
 # their validation parts are never used here: they are the held-out evaluation
 BROAD_SETS = {
-    "mr_hippocampus_msd": (36, 6, 3),
-    "us_fetal_head_hc18": (60, 10, 1),
-    "cmr_lv_sunnybrook": (45, 8, 1),
-    "mr_ms_lesions": (1, 0, 16),
+    "mr_hippocampus_msd": (36, 4, 3),
+    "us_fetal_head_hc18": (24, 6, 1),
+    "cmr_lv_sunnybrook": (24, 6, 1),
+    "mr_ms_lesions": (1, 0, 8),
 }
 
 

@@ -9,7 +9,7 @@ import pytest
 
 from conftest import SAMPLE
 from lib.core.cache import EmbeddingCache
-from lib.core.clicks import boxes_around, respect_clicks, side_contact
+from lib.core.clicks import respect_clicks, side_contact
 from lib.core.config import InferenceSettings, PreprocessSettings
 from lib.core.orientation import SliceView
 from lib.core.predictor import LoadedModel, SlicePredictor
@@ -74,13 +74,6 @@ def test_random_clicks_are_always_respected():
             assert not out[bg[:, 0], bg[:, 1]].any()
 
 
-def test_boxes_around_a_click_have_physical_sizes_and_stay_in_the_slice():
-    boxes = boxes_around((50, 10), (0.5, 2.0), (100, 40), (10, 20, 1000))
-    assert boxes[0] == (40, 7, 60, 13)  # 10 mm: 10 rows of 0.5 mm each side, 2.5 columns of 2 mm
-    assert boxes[-1] == (0, 0, 99, 39)  # clipped to the slice
-    assert len(boxes) == len(set(boxes))
-
-
 def test_side_contact_ignores_sides_on_the_slice_border():
     mask = np.zeros((20, 20), bool)
     mask[5:15, 0:10] = True
@@ -117,8 +110,8 @@ def test_the_predictor_respects_every_click_on_a_real_slice(lite_model, spleen_s
 
 
 def test_a_lone_click_on_a_large_organ_is_not_a_fragment(lite_model, spleen_slice):
-    """The lone click tried at several physical scales finds much more of the spleen than the click alone
-    (the bare model, which was never trained with clicks)."""
+    """The lone click grown to its object's scale finds much more of the spleen than the click alone
+    (the bare model, which was never trained with clicks, finds almost nothing with it)."""
     from lib.core.annotator import dice, interior_point
 
     image, gt, view, window = spleen_slice
@@ -129,6 +122,6 @@ def test_a_lone_click_on_a_large_organ_is_not_a_fragment(lite_model, spleen_slic
                                    settings)
         return dice(predictor.predict(image, window, view.spacing, point, np.array([1])).mask, gt)
 
-    alone = one_click(replace(InferenceSettings(), lone_click_box_sizes_mm=()))
+    alone = one_click(replace(InferenceSettings(), lone_click_growth_steps=0))
     scaled = one_click(InferenceSettings())
     assert scaled >= 0.8 and scaled > alone + 0.3, (alone, scaled)

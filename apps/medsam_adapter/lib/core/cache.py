@@ -3,12 +3,17 @@
 from __future__ import annotations
 
 import hashlib
+import re
 import threading
 from collections import OrderedDict
 from collections.abc import Callable, Hashable
+from pathlib import Path
 
 import numpy as np
+import torch
 from torch import Tensor
+
+from .atomic import atomic_write
 
 
 def content_key(image: np.ndarray, *parts: object) -> str:
@@ -95,3 +100,30 @@ class EmbeddingCache:
 
     def __len__(self) -> int:
         return len(self._items)
+
+
+class StoredEmbeddingCache(EmbeddingCache):
+    """An :class:`EmbeddingCache` that also keeps every embedding in a folder, one file per (encoder
+    fingerprint, content key), so repeated evaluation runs encode each slice once. Not for serving:
+    the folder is unbounded."""
+
+    def __init__(self, max_mb: float, folder: str | Path) -> None:
+        super().__init__(max_mb)
+        self.folder = Path(folder)
+
+    def get_or_compute(self, fingerprint: str, key: Hashable, compute: Callable[[], Tensor]) -> tuple[Tensor, bool]:
+        path = self.folder / re.sub(r"[^A-Za-z0-9_.-]", "_", fingerprint) / f"{key}.pt"
+
+        def load_or_compute() -> Tensor:
+            if path.is_file():
+                try:
+                    return torch.load(path, map_location="cpu")
+                except Exception:  # noqa: BLE001 - a damaged file is recomputed
+                    pass
+            value = compute().detach().cpu()
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with atomic_write(path) as fh:
+                torch.save(value, fh)
+            return value
+
+        return super().get_or_compute(fingerprint, key, load_or_compute)

@@ -1,8 +1,8 @@
 """What a click means, on one display-oriented slice.
 
-- A lone foreground click is ambiguous in scale (a lesion, an organ, a whole head?). It is tried with
-  boxes of several physical sizes centred on it, and the candidate the model itself rates best
-  (predicted IoU, penalised when the mask runs into its box's sides: the box was too small) is kept.
+- A lone foreground click is ambiguous in scale (a lesion, an organ, a whole head?). Its answer is grown
+  to the object's scale by the predictor: boxes around it, doubled while the answer runs into their sides
+  (:func:`side_contact`: the box was too small, the answer a fragment).
 - Every answer respects the clicks: each foreground click lies inside the returned mask and each
   background click outside it (:func:`respect_clicks`). The repair is local, so objects that really
   have several parts keep them.
@@ -10,35 +10,10 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 import numpy as np
 from scipy import ndimage
 
 Box = tuple[int, int, int, int]  # inclusive (r0, c0, r1, c1)
-
-
-def boxes_around(
-    point_rc: Sequence[float], spacing: tuple[float, float], shape: tuple[int, int], sizes_mm: Sequence[float]
-) -> list[Box]:
-    """Square boxes of side ``sizes_mm`` (physical) centred on a click, clipped to the slice; sizes that
-    clip to the same box as a smaller one are dropped."""
-    r, c = float(point_rc[0]), float(point_rc[1])
-    rows, cols = shape
-    out: list[Box] = []
-    for size in sorted(sizes_mm):
-        hr, hc = size / 2 / max(spacing[0], 1e-6), size / 2 / max(spacing[1], 1e-6)
-        box = (
-            max(0, int(np.floor(r - hr))),
-            max(0, int(np.floor(c - hc))),
-            min(rows - 1, int(np.ceil(r + hr))),
-            min(cols - 1, int(np.ceil(c + hc))),
-        )
-        if box[2] - box[0] < 2 or box[3] - box[1] < 2:
-            continue
-        if box not in out:
-            out.append(box)
-    return out
 
 
 def side_contact(mask: np.ndarray, box: Box) -> float:

@@ -40,7 +40,6 @@ def design_option_problem(options: dict[str, Any]) -> str | None:
     return None
 
 
-
 class ProfileError(ValueError):
     """A model profile is missing, malformed or inconsistent."""
 
@@ -94,6 +93,18 @@ class InferenceSettings:
     # 3D: prompt the neighbouring slices with the shipped adapters (true) or the bare base model (false);
     # adapters published by training rounds are always used
     propagate_with_shipped_adapters: bool = True
+    # a lone foreground click grown to its object's scale: the click inside a box around the click-alone
+    # mask (pushed out by lone_click_box_margin of its size), the box doubled while the answer runs into
+    # more than lone_click_max_contact of its sides, at most lone_click_growth_steps boxes (0: click alone)
+    lone_click_growth_steps: int = 6
+    lone_click_box_margin: float = 0.25
+    lone_click_max_contact: float = 0.1
+    lone_click_keep_complete: bool = False  # true: the click-alone answer stays when its first box holds it
+    # every foreground click inside the answer and every background click outside it (local repair)
+    respect_clicks: bool = True
+    # box-only requests with the profile's shipped (click) adapters: true uses them, false the bare base
+    # model (boxes are what the base model was trained for); adapters from training rounds always serve boxes
+    boxes_with_shipped_adapters: bool = False
     propagation_box_margin: int = 3
     propagation_min_area: int = 10
     propagation_min_iou: float = 0.0
@@ -204,6 +215,8 @@ def parse_profile(data: dict[str, Any], source: Path | None = None) -> ModelProf
     if preprocessing.ct_window not in CT_WINDOWS:
         raise ProfileError(f"{where}: [preprocessing].ct_window must be one of {sorted(CT_WINDOWS)}")
     inference = _section(data, "inference", InferenceSettings, where)
+    if inference.lone_click_growth_steps < 0 or inference.lone_click_box_margin < 0:
+        raise ProfileError(f"{where}: [inference].lone_click_growth_steps and lone_click_box_margin must be >= 0")
     for option in ("refine_with_logits", "multimask_for_single_click"):
         if getattr(inference, option) not in ("auto", "always", "never"):
             raise ProfileError(f"{where}: [inference].{option} must be auto, always or never")

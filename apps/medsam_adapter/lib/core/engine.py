@@ -115,12 +115,13 @@ class InteractiveSegmenter:
         adapter_dir: Path | None = None,
         device: str | None = None,
         embedding_cache_mb: float | None = None,
+        embeddings: EmbeddingCache | None = None,
     ) -> None:
         self.profile = profile
         self.adapter_dir = adapter_dir
         self.device = torch.device(device) if device else default_device()
         cache_mb = profile.inference.embedding_cache_mb if embedding_cache_mb is None else embedding_cache_mb
-        self.embeddings = EmbeddingCache(cache_mb)
+        self.embeddings = embeddings if embeddings is not None else EmbeddingCache(cache_mb)
         self.volumes = VolumeCache(profile.inference.volume_cache_mb)
         self.clients = ClientStates()
         self._loaded: LoadedModel | None = None
@@ -218,8 +219,10 @@ class InteractiveSegmenter:
         if ckpt is not None:
             ckpt.apply_to(model)
             version = ckpt.version if kind == "published" else 0
-            enc = ckpt.fingerprint("image_encoder.")
-            fingerprint = f"enc-{enc}"
+            if not _changes_encoder(ckpt.tensors, self._base_state or {}):
+                fingerprint = "base"  # encoder adapters untrained (zero up-projections): base embeddings
+            else:
+                fingerprint = f"enc-{ckpt.fingerprint('image_encoder.')}"
         if not model.prompt_free_head_trained:
             load_shipped_head(self.profile, model)  # the head shipped for this embedding, if any
         model.to(self.device).eval()
@@ -334,9 +337,14 @@ class InteractiveSegmenter:
             raise PromptError(f"no foreground click on slice {k} and no ROI: nothing to segment there")
         points = np.concatenate([fg, bg])
         rc = view.voxel_to_display(points, volume.shape) if len(points) else None
+        # a box alone is what the base model was trained for: the shipped click adapters leave it to it
+        box_alone = len(points) == 0 and loaded.shipped and not self.profile.inference.boxes_with_shipped_adapters
+        if box_alone:
+            predictor = self.predictor(self.bare_model())
         labels = np.concatenate([np.ones(len(fg)), np.zeros(len(bg))]).astype(np.int64)
         key = None if state_key is None else (*state_key, axis, k)
-        previous = self.clients.get(key, loaded.name) if key and self.feeds_logits(loaded) else None
+        feed = key and self.feeds_logits(loaded) and not box_alone
+        previous = self.clients.get(key, loaded.name) if feed else None
         image_k = view.slice(volume.array, k)
         first = predictor.predict(image_k, win, view.spacing, rc, labels if len(points) else None, box, previous)
         if key is not None:
@@ -435,6 +443,16 @@ class InteractiveSegmenter:
             entropy = -(probs * torch.log(probs.clamp_min(1e-8))).sum(0) / np.log(probs.shape[0])
             values.append(float(entropy.mean()))
         return {"score": float(np.mean(values)), "model_version": loaded.name, "slices": [int(k) for k in picks]}
+
+
+def _changes_encoder(tensors: dict[str, Tensor], fresh: dict[str, Tensor]) -> bool:
+    """Whether checkpoint ``tensors`` make the image encoder differ from the fresh (zero-initialised,
+    output-preserving) adapters in ``fresh``: if not, its embeddings equal the base model's."""
+    return any(
+        name not in fresh or not torch.equal(tensor.to(fresh[name].dtype), fresh[name])
+        for name, tensor in tensors.items()
+        if name.startswith("image_encoder.")
+    )
 
 
 def _clone_model(model: AdaptedSam) -> AdaptedSam:

@@ -11,6 +11,7 @@ import torch
 from torch import Tensor
 
 from .cache import EmbeddingCache, content_key
+from .clicks import respect_clicks, side_contact
 from .config import InferenceSettings, PreprocessSettings
 from .model import AdaptedSam, lone_click
 from .preprocess import IntensityWindow, LetterboxFrame, normalize_slice
@@ -117,9 +118,8 @@ class SlicePredictor:
         if mask_logits is not None:
             mask_logits = mask_logits.to(self.device, torch.float32)
         mode = self.inference.multimask_for_single_click
-        multimask = (
-            mode == "always" or (mode == "auto" and self.model.trained_multimask_single_click)
-        ) and lone_click(points, boxes, mask_logits)
+        alone = lone_click(points, boxes, mask_logits) and int(point_labels.reshape(-1)[0]) == 1
+        multimask = (mode == "always" or (mode == "auto" and self.model.trained_multimask_single_click)) and alone
         with torch.inference_mode():
             out = self.model.decode(
                 embedding, points=points, boxes=boxes, mask_logits=mask_logits, multimask=multimask
@@ -127,14 +127,57 @@ class SlicePredictor:
             low_res = out.low_res_logits
             logits = frame.logits_to_slice(low_res)[0, 0]
             mask = (logits > 0).cpu().numpy()
+            iou = float(out.iou[0, 0])
+            if alone and self.inference.lone_click_growth_steps > 0:
+                mask, low_res, iou = self._scaled_click(embedding, frame, points, (mask, low_res, iou))
+        if n_points and self.inference.respect_clicks:
+            labels_np = np.asarray(point_labels).reshape(-1)
+            rc_np = np.asarray(points_rc, dtype=np.int64).reshape(-1, 2)
+            radius = max(1.5, self.model.img_size / self.model.low_res_size[0] / min(frame.scale_r, frame.scale_c))
+            mask = respect_clicks(mask, rc_np[labels_np == 1], rc_np[labels_np == 0], radius)
         dec_ms = (time.perf_counter() - start) * 1e3
         return SliceResult(
             mask=mask,
             low_res_logits=low_res.detach().cpu(),
-            iou=float(out.iou[0, 0]),
+            iou=iou,
             embedding_cached=cached,
             timings_ms={"encoder": 0.0 if cached else enc_ms, "decoder": dec_ms},
         )
+
+    def _scaled_click(
+        self,
+        embedding: Tensor,
+        frame: LetterboxFrame,
+        points: tuple[Tensor, Tensor],
+        alone: tuple[np.ndarray, Tensor, float],
+    ) -> tuple[np.ndarray, Tensor, float]:
+        """A lone click grown to its object's scale: the click inside a box around the click-alone mask,
+        the box doubled while the answer runs into its sides (a fragment of something larger), up to
+        ``lone_click_growth_steps`` times; the first answer that stays inside its box wins. When none does,
+        or the click alone found nothing, the click-alone answer stays."""
+        mask0 = alone[0]
+        if not mask0.any():
+            return alone
+        rows, cols = mask0.shape
+        r_idx, c_idx = np.nonzero(mask0)
+        r0, r1, c0, c1 = r_idx.min(), r_idx.max(), c_idx.min(), c_idx.max()
+        grow = self.inference.lone_click_box_margin
+        for step in range(self.inference.lone_click_growth_steps):
+            hr = max(2.0, (r1 - r0 + 1) * grow)
+            hc = max(2.0, (c1 - c0 + 1) * grow)
+            box = (max(0, int(r0 - hr)), max(0, int(c0 - hc)), min(rows - 1, int(r1 + hr)), min(cols - 1, int(c1 + hc)))
+            boxes = torch.as_tensor(frame.box_to_model(*box), dtype=torch.float32, device=self.device)[None]
+            out = self.model.decode(embedding, points=points, boxes=boxes)
+            mask = (frame.logits_to_slice(out.low_res_logits)[0, 0] > 0).cpu().numpy()
+            if mask.any() and side_contact(mask, box) <= self.inference.lone_click_max_contact:
+                if step == 0 and self.inference.lone_click_keep_complete:
+                    return alone  # the click alone already found an object that fits its box
+                return mask, out.low_res_logits, float(out.iou[0, 0])
+            if box == (0, 0, rows - 1, cols - 1):
+                break
+            r0, c0, r1, c1 = box
+            grow = 0.5  # each further box: twice the size
+        return alone
 
     def auto_probabilities(
         self, image: np.ndarray, window: IntensityWindow, spacing: tuple[float, float] = (1.0, 1.0)

@@ -29,6 +29,7 @@ from scipy import ndimage
 from torch import Tensor
 
 from .annotator import dice, interior_point, jittered_box, largest_error_click, random_interior_point
+from .cache import EmbeddingCache, content_key
 from .config import PreprocessSettings
 from .model import AdaptedSam, Decoded, lone_click
 from .orientation import SliceView
@@ -77,6 +78,7 @@ class LabelledVolume:
     label: Path | Volume
     names: dict[int, str] = field(default_factory=dict)  # voxel value -> label name
     image_id: str = ""
+    max_slices: int | None = None  # at most this many labelled slices (None: the settings' limit)
 
 
 @dataclass
@@ -122,8 +124,13 @@ def prepare_samples(
     preprocessing: PreprocessSettings,
     settings: TrainSettings,
     device: torch.device,
+    embeddings: EmbeddingCache | None = None,
+    fingerprint: str = "",
 ) -> list[SliceSample]:
-    """Slices with labels -> samples in the low-res frame (embeddings cached unless the encoder trains)."""
+    """Slices with labels -> samples in the low-res frame (embeddings cached unless the encoder trains).
+
+    ``embeddings`` (with the encoder's ``fingerprint``): take embeddings from, and put them into, that
+    cache under the keys inference uses, so slices encoded once are not encoded again."""
     samples: list[SliceSample] = []
     low_res = model.low_res_size
     head_index = {name: i + 1 for i, name in enumerate(model.labels)}
@@ -138,8 +145,9 @@ def prepare_samples(
         window = choose_window(image.array, preprocessing)
         values = np.asarray(label.array)
         labelled = [k for k in range(image.shape[2]) if values[:, :, k].any()]
-        if len(labelled) > settings.max_slices_per_volume:
-            pick = np.linspace(0, len(labelled) - 1, settings.max_slices_per_volume).round().astype(int)
+        limit = settings.max_slices_per_volume if vol.max_slices is None else vol.max_slices
+        if len(labelled) > limit:
+            pick = np.linspace(0, len(labelled) - 1, limit).round().astype(int)
             labelled = [labelled[i] for i in sorted(set(pick))]
         for k in labelled:
             raw = view.slice(image.array, k)
@@ -164,6 +172,10 @@ def prepare_samples(
             sample = SliceSample(vol.image_id or getattr(vol.image, "name", "image"), k, lr, objects, head_target)
             if settings.train_encoder_adapters:
                 sample.model_input = x
+            elif embeddings is not None:
+                key = content_key(raw, window.key(), preprocessing.per_slice_minmax, frame, model.backbone_name)
+                with torch.inference_mode():
+                    sample.embedding = embeddings.get_or_compute(fingerprint, key, lambda x=x: model.encode(x))[0]
             else:
                 with torch.inference_mode():
                     sample.embedding = model.encode(x).clone()
