@@ -111,7 +111,7 @@ def test_unauthenticated_requests_are_refused(secured, realm):
 
     as_user = calls(bearer(token(key, [ROLES["user"]])))
     assert as_user["info"] == 200 and as_user["infer"] == 200
-    assert as_user["save_label"] == 403 and as_user["train"] == 403, "a plain user may neither label nor train"
+    assert as_user["save_label"] == 403 and as_user["train"] == 403, f"a user may not label or train: {as_user}"
     as_annotator = calls(bearer(token(key, [ROLES["user"], ROLES["annotator"]])))
     assert as_annotator["save_label"] == 200
     assert (secured.studies / "labels" / "final" / "spleen_ct.nii.gz").is_file()

@@ -45,6 +45,7 @@ from monailabel.utils.others.generic import remove_file
 from starlette.requests import Request
 
 from lib.core.volume import Volume, VolumeError, load_volume, temp_label_path, write_label
+from lib.serving.infer_route import install_first
 
 logger = logging.getLogger(__name__)
 
@@ -320,7 +321,8 @@ def install(app: FastAPI) -> None:
     if conf.get("ohif_dicomweb") and not studies.startswith(("http://", "https://")):
         proxy = dicomweb_proxy(conf["ohif_dicomweb"])
         own.add_api_route(DICOMWEB_ROUTE + "/{path:path}", proxy, include_in_schema=False)
-    app.router.routes[:0] = own.routes
+    # through include_router, so the routes see the app's dependency overrides (the token check)
+    install_first(app, own)
     app.state.answer_versions = AnswerVersions()
     app.add_middleware(ModelVersionHeader, versions=app.state.answer_versions)
 

@@ -180,7 +180,7 @@ def serving_status() -> dict | None:
     return serving.status() if hasattr(serving, "status") else None
 
 
-def _install_first(app: FastAPI, router: APIRouter) -> None:
+def install_first(app: FastAPI, router: APIRouter) -> None:
     """Include ``router`` so its routes are matched before every existing route."""
     before = len(app.router.routes)
     app.include_router(router)
@@ -287,7 +287,7 @@ def install(app: FastAPI, conf: dict[str, str] | None) -> Serving | None:
         )
         return status(model, image)
 
-    _install_first(app, router)
+    install_first(app, router)
     app.state.serving = serving
     logger.info("inference scheduler on: %s", serving_settings)
     return serving
