@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import json
 from dataclasses import replace
+from pathlib import Path
 
-from conftest import APP, SAMPLE
+from conftest import APP, SAMPLE, SHARED
 from lib.core.annotator import interior_point
 from lib.core.checkpoint import AdapterCheckpoint
 from lib.core.config import load_profile
@@ -27,9 +28,15 @@ def test_shipped_checkpoint_is_small_fingerprinted_and_recorded():
     record = json.loads(SHIPPED.with_suffix(".json").read_text())
     assert record["command"].startswith("python scripts/train_click_adapter.py")
     assert record["settings"]["seed"] == ckpt.metrics["settings"]["seed"]
-    # the held-out evaluation sets never reached training or checkpoint selection
-    used = " ".join(record["train_cases"] + record["validation_cases"])
-    assert "brats" not in used.lower() and "lesion" not in used.lower()
+    # the held-out evaluation sets and the validation parts never reached training or checkpoint selection
+    used = " ".join(record["train_cases"] + record["validation_cases"]).lower()
+    for held_out in ("brats", "deeplesion", "ct_lesion", "validation_", "patient07"):
+        assert held_out not in used, held_out
+    for index in ("us_fetal_head_hc18", "cmr_lv_sunnybrook"):
+        test_part = SHARED / index / "label2image_test.json"
+        if test_part.is_file():
+            images = {Path(v).stem.lower() for v in json.loads(test_part.read_text()).values()}
+            assert not any(f"{index}/{image}" in used.split() for image in images), index
     after, before = record["validation_after"], record["validation_before"]
     assert after["box_dice"] >= before["box_dice"] - 0.01 and after["click1_dice"] > before["click1_dice"]
 
