@@ -31,7 +31,7 @@ held brats_flair_heldout $D/mr_brats2015 --image-name flair.nii.gz --label-name 
     --merge-labels whole_tumour --no-3d --reference "expert labels (BraTS 2015), held out"
 held ct_lesion_heldout $D/ct_lesion_deeplesion --reference "DeepLesion-derived labels (MedSAM2), held out"
 held mr_hippocampus_val $D/mr_hippocampus_msd --image-name image.nii.gz --label-name label.nii.gz \
-    --cases 'validation_hippocampus_[01]*' --max-slices 2 --no-3d --reference "manual (MSD), validation part"
+    --cases 'validation_hippocampus_[01]*' --no-3d --reference "manual (MSD), validation part"
 held us_fetal_head_val $D/us_fetal_head_hc18/label2image_test.json --no-3d --reference "manual (HC18), validation part"
 held cmr_lv_val $D/cmr_lv_sunnybrook/label2image_test.json --no-3d --reference "manual (Sunnybrook), validation part"
 held mr_ms_lesions_val $D/mr_ms_lesions --image-name flair.nii.gz --label-name label.nii.gz --cases patient07 \
