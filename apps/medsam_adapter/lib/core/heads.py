@@ -17,6 +17,22 @@ from torch import Tensor, nn
 from .config import HEADS
 
 
+def _stem(in_channels: int, width: int) -> nn.Sequential:
+    """1x1 projection of the embedding to the head's width."""
+    return nn.Sequential(nn.Conv2d(in_channels, width, 1), nn.GroupNorm(8, width), nn.GELU())
+
+
+def _upscaling(width: int) -> nn.Sequential:
+    """Two transposed convs: the embedding's resolution x4 (the decoder's low-res frame)."""
+    return nn.Sequential(
+        nn.ConvTranspose2d(width, width // 2, 2, stride=2),
+        nn.GroupNorm(8, width // 2),
+        nn.GELU(),
+        nn.ConvTranspose2d(width // 2, width // 4, 2, stride=2),
+        nn.GELU(),
+    )
+
+
 class PromptFreeHead(nn.Module):
     """``decoder`` head: multi-class logits at 4x the embedding resolution. About 0.3M parameters for
     a 256-channel embedding."""
@@ -24,7 +40,7 @@ class PromptFreeHead(nn.Module):
     def __init__(self, num_labels: int, in_channels: int = 256, width: int = 112) -> None:
         super().__init__()
         self.num_labels = num_labels
-        self.stem = nn.Sequential(nn.Conv2d(in_channels, width, 1), nn.GroupNorm(8, width), nn.GELU())
+        self.stem = _stem(in_channels, width)
         self.body = nn.Sequential(
             nn.Conv2d(width, width, 3, padding=1),
             nn.GroupNorm(8, width),
@@ -33,13 +49,7 @@ class PromptFreeHead(nn.Module):
             nn.GroupNorm(8, width),
             nn.GELU(),
         )
-        self.up = nn.Sequential(
-            nn.ConvTranspose2d(width, width // 2, 2, stride=2),
-            nn.GroupNorm(8, width // 2),
-            nn.GELU(),
-            nn.ConvTranspose2d(width // 2, width // 4, 2, stride=2),
-            nn.GELU(),
-        )
+        self.up = _upscaling(width)
         self.classify = nn.Conv2d(width // 4, num_labels + 1, 1)
 
     def forward(self, embedding: Tensor) -> Tensor:
@@ -59,7 +69,7 @@ class UNetHead(nn.Module):
     def __init__(self, num_labels: int, in_channels: int = 256, width: int = 64) -> None:
         super().__init__()
         self.num_labels = num_labels
-        self.stem = nn.Sequential(nn.Conv2d(in_channels, width, 1), nn.GroupNorm(8, width), nn.GELU())
+        self.stem = _stem(in_channels, width)
         self.enc1 = _conv(width, width)
         self.down1 = _conv(width, 2 * width, stride=2)
         self.down2 = _conv(2 * width, 2 * width, stride=2)
@@ -67,13 +77,7 @@ class UNetHead(nn.Module):
         self.dec2 = _conv(4 * width, width)
         self.up1 = nn.ConvTranspose2d(width, width, 2, stride=2)
         self.dec1 = _conv(2 * width, width)
-        self.out = nn.Sequential(
-            nn.ConvTranspose2d(width, width // 2, 2, stride=2),
-            nn.GroupNorm(8, width // 2),
-            nn.GELU(),
-            nn.ConvTranspose2d(width // 2, width // 4, 2, stride=2),
-            nn.GELU(),
-        )
+        self.out = _upscaling(width)
         self.classify = nn.Conv2d(width // 4, num_labels + 1, 1)
 
     def forward(self, embedding: Tensor) -> Tensor:
