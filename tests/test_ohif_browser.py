@@ -19,6 +19,9 @@ import json
 import os
 import shutil
 import subprocess
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
 
 import numpy as np
 import pydicom
@@ -49,22 +52,33 @@ def tinted_pixels(before: Image.Image, after: Image.Image) -> int:
     return int(((tint(after) - tint(before)) > 15).sum())
 
 
-@pytest.fixture(scope="module")
-def stack(tmp_path_factory):
+def install_playwright() -> None:
+    """playwright-core from tests/browser/package-lock.json (npm), once."""
     if not (BROWSER / "node_modules" / "playwright-core").is_dir():
         subprocess.run(["npm", "ci", "--no-audit", "--no-fund"], cwd=BROWSER, check=True, timeout=600)
-    base = tmp_path_factory.mktemp("ohif")
+
+
+@contextmanager
+def spleen_pacs(base: Path, conf: dict[str, str] | None = None) -> Iterator[tuple[Orthanc, Server]]:
+    """Orthanc holding the spleen CT series and the app served on it, past its start-up scoring round."""
+    install_playwright()
     orthanc = Orthanc(base)
     try:
         orthanc.upload(DICOM / "ct_spleen_converted")
         app_dir = base / "app"
         shutil.copytree(APP, app_dir, ignore=shutil.ignore_patterns("model", "__pycache__", "logs"))
-        server = Server(orthanc.dicomweb, app_dir, base / "server.log")
+        server = Server(orthanc.dicomweb, app_dir, base / "server.log", conf=conf)
         wait_for_startup_scoring(server.url)
-        yield server
+        yield orthanc, server
         server.stop()
     finally:
         orthanc.stop()
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory):
+    with spleen_pacs(tmp_path_factory.mktemp("ohif")) as (_, server):
+        yield server
 
 
 def test_point_prompts_in_ohif_draw_the_server_labels(stack):
@@ -178,21 +192,9 @@ def wait_for_startup_scoring(url: str, timeout: float = 600) -> None:
 @pytest.fixture(scope="module")
 def pacs_stack(tmp_path_factory):
     """Orthanc with the spleen CT series and the app on it, one-epoch training rounds."""
-    if not (BROWSER / "node_modules" / "playwright-core").is_dir():
-        subprocess.run(["npm", "ci", "--no-audit", "--no-fund"], cwd=BROWSER, check=True, timeout=600)
     base = tmp_path_factory.mktemp("ohif_loop")
-    orthanc = Orthanc(base)
-    try:
-        orthanc.upload(DICOM / "ct_spleen_converted")
-        app_dir = base / "app"
-        shutil.copytree(APP, app_dir, ignore=shutil.ignore_patterns("model", "__pycache__", "logs"))
-        conf = {"train_max_epochs": "1", "train_max_slices_per_volume": "2"}
-        server = Server(orthanc.dicomweb, app_dir, base / "server.log", conf=conf)
-        wait_for_startup_scoring(server.url)
+    with spleen_pacs(base, {"train_max_epochs": "1", "train_max_slices_per_volume": "2"}) as (orthanc, server):
         yield orthanc, server, base
-        server.stop()
-    finally:
-        orthanc.stop()
 
 
 def test_ohif_save_label_stores_a_seg_and_update_model_serves_a_new_version(pacs_stack):
@@ -249,8 +251,7 @@ def test_ohif_save_label_on_a_local_folder_stores_labels_final(tmp_path):
 
     from lib.core.volume import load_volume
 
-    if not (BROWSER / "node_modules" / "playwright-core").is_dir():
-        subprocess.run(["npm", "ci", "--no-audit", "--no-fund"], cwd=BROWSER, check=True, timeout=600)
+    install_playwright()
     folder = DICOM / "ct_spleen_converted"
     uid = series_uid(folder)
     study = str(pydicom.dcmread(next(folder.glob("*.dcm")), stop_before_pixels=True).StudyInstanceUID)

@@ -5,16 +5,12 @@
 //
 //   node ohif_point_prompts.mjs SERVER_URL STUDY_UID OUT_DIR
 import { mkdirSync } from 'node:fs';
-import { chromium } from 'playwright-core';
+import { launchChromium } from './chromium.mjs';
 
 const [server, study, out] = process.argv.slice(2);
 mkdirSync(out, { recursive: true });
 
-const browser = await chromium.launch({
-  executablePath: process.env.CHROMIUM || '/usr/bin/chromium',
-  args: ['--no-sandbox', '--disable-gpu', '--disable-quic', '--no-first-run', '--disable-background-networking',
-    '--disable-component-update', '--disable-sync', '--use-gl=swiftshader', '--enable-unsafe-swiftshader'],
-});
+const browser = await launchChromium();
 try {
   const context = await browser.newContext({ viewport: { width: 1600, height: 1000 } });
   // the panel reads its server from this cookie (default: port 8000 of the page's host)

@@ -6,17 +6,13 @@
 //
 //   node ohif_save_label.mjs SERVER_URL STUDY_UID OUT_DIR [train|quick]
 import { mkdirSync, writeFileSync } from 'node:fs';
-import { chromium } from 'playwright-core';
+import { launchChromium } from './chromium.mjs';
 
 const [server, study, out, mode] = process.argv.slice(2);
 mkdirSync(out, { recursive: true });
 const report = (step) => console.log(JSON.stringify(step));
 
-const browser = await chromium.launch({
-  executablePath: process.env.CHROMIUM || '/usr/bin/chromium',
-  args: ['--no-sandbox', '--disable-gpu', '--disable-quic', '--no-first-run', '--disable-background-networking',
-    '--disable-component-update', '--disable-sync', '--use-gl=swiftshader', '--enable-unsafe-swiftshader'],
-});
+const browser = await launchChromium();
 try {
   const context = await browser.newContext({ viewport: { width: 1600, height: 1000 } });
   const page = await context.newPage();
