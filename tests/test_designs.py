@@ -5,16 +5,14 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import shutil
 
 import nibabel as nib
 import numpy as np
 import pytest
 import requests
 import torch
-from live_server import Server
 
-from conftest import APP, SAMPLE, studies_copy
+from conftest import APP, SAMPLE
 from lib.core.backbones import build_backbone
 from lib.core.checkpoint import AdapterCheckpoint, CheckpointError
 from lib.core.config import AdapterSettings, ProfileError, design_option_problem, load_profile, parse_profile
@@ -245,23 +243,13 @@ def test_shipped_head_composes_with_the_shipped_click_adapter():
 # -- a real server -----------------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def fresh_server(tmp_path_factory):
-    base = tmp_path_factory.mktemp("designs")
-    app_dir = base / "app"
-    shutil.copytree(APP, app_dir, ignore=shutil.ignore_patterns("model", "__pycache__", "logs"))
-    srv = Server(studies_copy(base / "studies"), app_dir, base / "server.log")
-    yield srv
-    srv.stop()
-
-
-def test_fresh_install_answers_medsam_auto_on_the_abdomen_ct(fresh_server, tmp_path):
+def test_fresh_install_answers_medsam_auto_on_the_abdomen_ct(server, tmp_path):
     """The shipped head: a multi-label result on the shipped abdomen CT, no training round needed.
     Its reference is TotalSegmentator output and this CT was in the head's training data: the numbers are
     agreement with TotalSegmentator on a training image (the held-out numbers are in the head's record)."""
     _shipped_head_or_skip()
     response = requests.post(
-        f"{fresh_server.url}/infer/medsam_auto",
+        f"{server.url}/infer/medsam_auto",
         params={"image": "abdomen_ct", "output": "image"},
         files={"params": (None, json.dumps({"result_extension": ".nii.gz"}))},
         timeout=600,
@@ -286,18 +274,18 @@ def test_fresh_install_answers_medsam_auto_on_the_abdomen_ct(fresh_server, tmp_p
     assert agreement["liver"] > 0.7 and agreement["spleen"] > 0.5
 
 
-def test_unknown_design_in_a_train_request_is_a_422_before_a_round(fresh_server):
+def test_unknown_design_in_a_train_request_is_a_422_before_a_round(server):
     for body in ({"adapter_design": "lora"}, {"head": "vit", "max_epochs": 1}):
-        response = requests.post(f"{fresh_server.url}/train/medsam", json=body, timeout=60)
+        response = requests.post(f"{server.url}/train/medsam", json=body, timeout=60)
         assert response.status_code == 422, response.text
         assert "unknown" in response.json()["detail"]
-    status = requests.get(f"{fresh_server.url}/train/", params={"check_if_running": True}, timeout=30)
+    status = requests.get(f"{server.url}/train/", params={"check_if_running": True}, timeout=30)
     assert status.status_code == 404, status.text  # no round was started
 
 
-def test_served_design_is_in_the_infer_params(fresh_server):
+def test_served_design_is_in_the_infer_params(server):
     response = requests.post(
-        f"{fresh_server.url}/infer/medsam_2d",
+        f"{server.url}/infer/medsam_2d",
         params={"image": "spleen_ct", "output": "json"},
         files={"params": (None, json.dumps({"foreground": [[80, 90, 13]]}))},
         timeout=300,
