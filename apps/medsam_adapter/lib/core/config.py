@@ -99,7 +99,6 @@ class InferenceSettings:
     lone_click_growth_steps: int = 6
     lone_click_box_margin: float = 0.25
     lone_click_max_contact: float = 0.1
-    lone_click_keep_complete: bool = False  # true: the click-alone answer stays when its first box holds it
     # every foreground click inside the answer and every background click outside it (local repair)
     respect_clicks: bool = True
     # box-only requests with the profile's shipped (click) adapters: true uses them, false the bare base

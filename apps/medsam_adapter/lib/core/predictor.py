@@ -129,7 +129,7 @@ class SlicePredictor:
             mask = (logits > 0).cpu().numpy()
             iou = float(out.iou[0, 0])
             if alone and self.inference.lone_click_growth_steps > 0:
-                mask, low_res, iou = self._scaled_click(embedding, frame, points, (mask, low_res, iou))
+                mask, low_res, iou = self._grown_click(embedding, frame, points, (mask, low_res, iou))
         if n_points and self.inference.respect_clicks:
             labels_np = np.asarray(point_labels).reshape(-1)
             rc_np = np.asarray(points_rc, dtype=np.int64).reshape(-1, 2)
@@ -144,7 +144,7 @@ class SlicePredictor:
             timings_ms={"encoder": 0.0 if cached else enc_ms, "decoder": dec_ms},
         )
 
-    def _scaled_click(
+    def _grown_click(
         self,
         embedding: Tensor,
         frame: LetterboxFrame,
@@ -162,7 +162,7 @@ class SlicePredictor:
         r_idx, c_idx = np.nonzero(mask0)
         r0, r1, c0, c1 = r_idx.min(), r_idx.max(), c_idx.min(), c_idx.max()
         grow = self.inference.lone_click_box_margin
-        for step in range(self.inference.lone_click_growth_steps):
+        for _ in range(self.inference.lone_click_growth_steps):
             hr = max(2.0, (r1 - r0 + 1) * grow)
             hc = max(2.0, (c1 - c0 + 1) * grow)
             box = (max(0, int(r0 - hr)), max(0, int(c0 - hc)), min(rows - 1, int(r1 + hr)), min(cols - 1, int(c1 + hc)))
@@ -170,8 +170,6 @@ class SlicePredictor:
             out = self.model.decode(embedding, points=points, boxes=boxes)
             mask = (frame.logits_to_slice(out.low_res_logits)[0, 0] > 0).cpu().numpy()
             if mask.any() and side_contact(mask, box) <= self.inference.lone_click_max_contact:
-                if step == 0 and self.inference.lone_click_keep_complete:
-                    return alone  # the click alone already found an object that fits its box
                 return mask, out.low_res_logits, float(out.iou[0, 0])
             if box == (0, 0, rows - 1, cols - 1):
                 break
