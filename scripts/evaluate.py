@@ -80,7 +80,9 @@ def backend_for(method: str, profile_name: str, device: str | None, inference: d
         sys.exit(f"profile {profile_name} ships no adapter checkpoint")
     cache = None
     if store is not None:
-        cache = StoredEmbeddingCache(profile.inference.embedding_cache_mb, store / profile.name)
+        # one folder per encoder runtime: OpenVINO and torch embeddings differ slightly
+        folder = store / profile.name / profile.inference.encoder_runtime
+        cache = StoredEmbeddingCache(profile.inference.embedding_cache_mb, folder)
     return InProcessBackend(InteractiveSegmenter(profile, adapter_dir=None, device=device, embeddings=cache))
 
 

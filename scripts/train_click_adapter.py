@@ -131,7 +131,8 @@ def main() -> None:
                         help="organs: CT/MR organs and spinal cord (round 2); broad: plus the train parts of "
                              "hippocampus MR, fetal-head ultrasound, cardiac MR and MS lesions")
     parser.add_argument("--embedding-store", type=Path,
-                        help="keep image embeddings in this folder (shared with scripts/evaluate.py)")
+                        help="keep image embeddings in this folder (torch encoder; scripts/evaluate.py reads them "
+                             "with --inference encoder_runtime='\"torch\"')")
     parser.add_argument("--out", type=Path, default=APP / "adapters" / "lite_medsam_clicks.pt")
     args = parser.parse_args()
     torch.manual_seed(args.seed)
@@ -161,7 +162,9 @@ def main() -> None:
         val_volumes += extra_select
     store = None
     if args.embedding_store is not None and not args.encoder_adapters:
-        store = StoredEmbeddingCache(profile.inference.embedding_cache_mb, args.embedding_store / profile.name)
+        # the trainer encodes with torch: the folder evaluate.py uses with --inference encoder_runtime='"torch"'
+        folder = args.embedding_store / profile.name / "torch"
+        store = StoredEmbeddingCache(profile.inference.embedding_cache_mb, folder)
     fingerprint = f"{profile.name}:base"  # the frozen encoder's embeddings, as inference keys them
     train = prepare_samples(model, train_volumes, profile.preprocessing, settings, device, store, fingerprint)
     val = prepare_samples(model, val_volumes, profile.preprocessing, settings, device, store, fingerprint)
