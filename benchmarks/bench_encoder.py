@@ -13,7 +13,10 @@ For each runtime, on LiteMedSAM with the shipped click adapter (the model the se
 - peak RSS of a separate process that loads the model, builds that runtime and encodes (``--no-memory``
   skips it).
 ``--torch-options`` also times torch variants that are not runtimes (channels-last, torch.compile, int8
-dynamic quantisation of the Linear layers). Timings on a shared machine are noisy: compare the ratios.
+dynamic quantisation of the Linear layers). ``--int8`` (needs ``pip install nncf``) also times and checks
+OpenVINO int8 graphs from NNCF post-training quantisation, calibrated on other slices of the shipped
+scans: the whole encoder, and its MatMul layers only (convolutions kept fp32). Timings on a shared
+machine are noisy: compare the ratios.
 """
 
 from __future__ import annotations
@@ -123,6 +126,40 @@ def torch_variants(model: AdaptedSam) -> dict:
     return variants
 
 
+def calibration_inputs(model: AdaptedSam, per_scan: int = 6) -> list[np.ndarray]:
+    """Model inputs from evenly spaced slices of every shipped scan (not the slices the masks are checked on)."""
+    pre = load_profile(PROFILE).preprocessing
+    out = []
+    for case in load_dataset(SAMPLE, SAMPLE / "reference"):
+        view = SliceView.from_affine(case.image.affine, 2)
+        window = choose_window(case.image.array, pre)
+        depth = case.image.shape[2]
+        for k in np.linspace(0.15 * depth, 0.85 * depth, per_scan).astype(int):
+            image = view.slice(case.image.array, int(k))
+            frame = LetterboxFrame.fit(image.shape, model.img_size, view.spacing)
+            out.append(frame.image_to_model(normalize_slice(image, window, pre.per_slice_minmax)).numpy())
+    return out
+
+
+def int8_variants(model: AdaptedSam, cache_dir: Path | None) -> dict:
+    """OpenVINO int8 encoders from NNCF post-training quantisation of the exported IR (built here)."""
+    import nncf
+
+    items = calibration_inputs(model)
+    calibration = nncf.Dataset(items)
+    ov_model = runtimes.ExportedEncoder(model, cache_dir or runtimes.default_cache_dir()).read()
+    transformer = {"model_type": nncf.ModelType.TRANSFORMER, "preset": nncf.QuantizationPreset.MIXED}
+    convolutions = nncf.IgnoredScope(types=["Convolution", "GroupConvolution"])
+    variants = {}
+    for name, options in (
+        ("openvino int8 (all layers)", transformer),
+        ("openvino int8 (MatMul only)", {**transformer, "ignored_scope": convolutions}),
+    ):
+        quantized = nncf.quantize(ov_model.clone(), calibration, subset_size=len(items), **options)
+        variants[name] = runtimes.compile_openvino(quantized, "fp32")
+    return variants
+
+
 def peak_rss_of(runtime: str, cache_dir: Path | None) -> float:
     """Peak RSS (MB) of a fresh process that loads the model, builds ``runtime`` and encodes 3 times."""
     code = (
@@ -143,6 +180,7 @@ def main() -> None:
     parser.add_argument("--runtimes", default="torch,torch_bf16,openvino_fp32,openvino_bf16")
     parser.add_argument("--fresh", action="store_true", help="export into an empty cache folder (export time)")
     parser.add_argument("--torch-options", action="store_true", help="also time channels-last, compile, int8")
+    parser.add_argument("--int8", action="store_true", help="also OpenVINO int8 via NNCF (pip install nncf)")
     parser.add_argument("--no-memory", action="store_true", help="skip the per-runtime peak-RSS processes")
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
@@ -170,7 +208,17 @@ def main() -> None:
         how = "exported + compiled" if built.exported else ("loaded + compiled" if name.startswith("open") else "-")
         build[name] = {"build_s": round(built.build_s, 1), "how": how, "probe_error": built.probe_error}
     variants = torch_variants(model) if args.torch_options else {}
-    timed = {**encoders, **variants}
+    checked = set(encoders)
+    if args.int8:
+        start = time.perf_counter()
+        quantized = int8_variants(model, cache_dir)
+        for name in quantized:
+            build[name] = {"build_s": round((time.perf_counter() - start) / len(quantized), 1), "how": "quantized"}
+        encoders_int8 = quantized
+        checked |= set(quantized)
+    else:
+        encoders_int8 = {}
+    timed = {**encoders, **encoders_int8, **variants}
 
     # warm-up (torch.compile compiles here), then interleaved rounds on a real slice
     x = inputs[0]
@@ -178,7 +226,7 @@ def main() -> None:
         start = time.perf_counter()
         with torch.inference_mode():
             encode(x)
-        if name in variants:
+        if name in variants and name not in build:
             build[name] = {"build_s": round(time.perf_counter() - start, 1), "how": "first call"}
     times = {name: [] for name in timed}
     for _ in range(args.repeats):
@@ -197,7 +245,7 @@ def main() -> None:
     for name, encode in timed.items():
         with torch.inference_mode():
             errors = [runtimes.relative_error(encode(t), r) for t, r in zip(inputs, reference, strict=True)]
-        masks = session_masks(model, encode, slices) if name in encoders else None
+        masks = session_masks(model, encode, slices) if name in checked else None
         scores = [dice(a, b) for a, b in zip(masks, fp32_masks, strict=True)] if masks else []
         ms = statistics.median(times[name])
         rows[name] = {

@@ -1,7 +1,8 @@
 """What a click means, on one display-oriented slice.
 
-- A lone foreground click is ambiguous in scale (a lesion, an organ, a whole head?). Its answer is grown
-  to the object's scale by the predictor: boxes around it, doubled while the answer runs into their sides
+- A lone foreground click is ambiguous in scale (a lesion, an organ, a whole head?). The predictor also
+  prompts boxes of several physical sizes around it (:func:`boxes_at_scales`) and keeps the answer with
+  the sharpest edge (:func:`stability`) among those that do not run into their box's sides
   (:func:`side_contact`: the box was too small, the answer a fragment).
 - Every answer respects the clicks: each foreground click lies inside the returned mask and each
   background click outside it (:func:`respect_clicks`). The repair is local, so objects that really
@@ -14,6 +15,28 @@ import numpy as np
 from scipy import ndimage
 
 Box = tuple[int, int, int, int]  # inclusive (r0, c0, r1, c1)
+
+
+def boxes_at_scales(
+    click_rc: tuple[int, int], spacing: tuple[float, float], shape: tuple[int, int], sizes_mm: tuple[float, ...]
+) -> list[Box]:
+    """Square boxes of ``sizes_mm`` (physical side lengths) centred on a click, clipped to the slice;
+    boxes that clipping makes identical are listed once."""
+    r, c = click_rc
+    boxes: list[Box] = []
+    for size in sizes_mm:
+        hr, hc = size / 2.0 / spacing[0], size / 2.0 / spacing[1]
+        box = (max(0, int(r - hr)), max(0, int(c - hc)), min(shape[0] - 1, int(r + hr)), min(shape[1] - 1, int(c + hc)))
+        if box not in boxes:
+            boxes.append(box)
+    return boxes
+
+
+def stability(logits: np.ndarray, offset: float = 1.0) -> float:
+    """SAM's stability score: the mask at logit > +offset over the mask at logit > -offset (1: a sharp
+    edge that a shifted threshold does not move; low: a blurry, uncertain answer). 0 for an empty mask."""
+    outer = int((logits > -offset).sum())
+    return float((logits > offset).sum() / outer) if outer else 0.0
 
 
 def side_contact(mask: np.ndarray, box: Box) -> float:
@@ -31,6 +54,41 @@ def side_contact(mask: np.ndarray, box: Box) -> float:
             touched += int(line.sum())
             total += line.size
     return touched / total if total else 0.0
+
+
+def local_correction(
+    previous: np.ndarray,
+    new: np.ndarray,
+    foreground_rc: np.ndarray,
+    background_rc: np.ndarray,
+    total_share: float = 0.0,
+    reach: int = 2,
+) -> np.ndarray:
+    """A correction click changes the answer only where it was wrong: the new answer in the regions where
+    it differs from the previous one that touch (within ``reach`` pixels) a click the previous answer got
+    wrong (a foreground click outside it, a background click inside it), the previous answer elsewhere —
+    unless all its other changes together stay within ``total_share`` of the previous answer's area (a
+    refinement, not a different answer): then the new answer as it is. Without such a click, the new
+    answer."""
+    wrong = [tuple(p) for p in np.asarray(foreground_rc).reshape(-1, 2) if not previous[tuple(p)]]
+    wrong += [tuple(p) for p in np.asarray(background_rc).reshape(-1, 2) if previous[tuple(p)]]
+    if not wrong:
+        return new
+    regions, count = ndimage.label(previous ^ new)
+    touched: set[int] = set()
+    for r, c in wrong:
+        window = regions[max(0, r - reach) : r + reach + 1, max(0, c - reach) : c + reach + 1]
+        touched.update(int(v) for v in np.unique(window) if v)
+    area = max(1, int(previous.sum()))
+    sizes = np.bincount(regions.ravel(), minlength=count + 1)
+    others = [i for i in range(1, count + 1) if i not in touched]
+    if sum(int(sizes[i]) for i in others) <= total_share * area:
+        return new
+    out = previous.copy()
+    if touched:
+        changed = np.isin(regions, list(touched))
+        out[changed] = new[changed]
+    return out
 
 
 def respect_clicks(

@@ -93,14 +93,24 @@ class InferenceSettings:
     # 3D: prompt the neighbouring slices with the shipped adapters (true) or the bare base model (false);
     # adapters published by training rounds are always used
     propagate_with_shipped_adapters: bool = True
-    # a lone foreground click grown to its object's scale: the click inside a box around the click-alone
-    # mask (pushed out by lone_click_box_margin of its size), the box doubled while the answer runs into
-    # more than lone_click_max_contact of its sides, at most lone_click_growth_steps boxes (0: click alone)
-    lone_click_growth_steps: int = 6
-    lone_click_box_margin: float = 0.25
-    lone_click_max_contact: float = 0.1
+    # a lone foreground click at its object's scale: besides the click alone, the click inside square boxes
+    # of these physical sizes (mm) and, when it shares the embedding, the bare base model's answer to each
+    # box alone; answers running into more than lone_click_max_contact of their box's sides are dropped and
+    # the most stable answer wins, the click alone unless another beats its stability by
+    # lone_click_alone_margin / sqrt(its area in pixels) (a small mask's stability is noisier).
+    # Empty list: the click alone.
+    lone_click_scales_mm: tuple[float, ...] = field(
+        default=(5.0, 10.0, 20.0, 40.0, 80.0, 160.0, 320.0), metadata={"any_length": True}
+    )
+    lone_click_max_contact: float = 0.2
+    lone_click_alone_margin: float = 1.5
     # every foreground click inside the answer and every background click outside it (local repair)
     respect_clicks: bool = True
+    # a correction click (previous logits fed back) changes the answer only in the regions connected to
+    # the clicks the previous answer got wrong, the rest of the previous answer kept, unless its other
+    # changes together are at most local_total_share of the previous answer's area (a refinement)
+    local_corrections: bool = True
+    local_total_share: float = 0.25
     # box-only requests with the profile's shipped (click) adapters: true uses them, false the bare base
     # model (boxes are what the base model was trained for); adapters from training rounds always serve boxes
     boxes_with_shipped_adapters: bool = False
@@ -156,7 +166,11 @@ def _section(data: dict[str, Any], key: str, cls: type, where: str) -> Any:
             continue
         value = raw[f.name]
         default = getattr(cls(), f.name)
-        if isinstance(default, tuple):
+        if isinstance(default, tuple) and f.metadata.get("any_length"):
+            if not isinstance(value, list) or not all(isinstance(v, (int, float)) and v > 0 for v in value):
+                raise ProfileError(f"{where}: [{key}].{f.name} must be a list of positive numbers")
+            value = tuple(float(v) for v in value)
+        elif isinstance(default, tuple):
             if not isinstance(value, list) or len(value) != len(default):
                 raise ProfileError(f"{where}: [{key}].{f.name} must be a list of {len(default)} numbers")
             value = tuple(float(v) for v in value)
@@ -214,8 +228,8 @@ def parse_profile(data: dict[str, Any], source: Path | None = None) -> ModelProf
     if preprocessing.ct_window not in CT_WINDOWS:
         raise ProfileError(f"{where}: [preprocessing].ct_window must be one of {sorted(CT_WINDOWS)}")
     inference = _section(data, "inference", InferenceSettings, where)
-    if inference.lone_click_growth_steps < 0 or inference.lone_click_box_margin < 0:
-        raise ProfileError(f"{where}: [inference].lone_click_growth_steps and lone_click_box_margin must be >= 0")
+    if not 0 <= inference.lone_click_max_contact <= 1:
+        raise ProfileError(f"{where}: [inference].lone_click_max_contact must be between 0 and 1")
     for option in ("refine_with_logits", "multimask_for_single_click"):
         if getattr(inference, option) not in ("auto", "always", "never"):
             raise ProfileError(f"{where}: [inference].{option} must be auto, always or never")

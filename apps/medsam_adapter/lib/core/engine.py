@@ -248,7 +248,9 @@ class InteractiveSegmenter:
 
     # -- helpers ----------------------------------------------------------------------------------
     def predictor(self, loaded: LoadedModel) -> SlicePredictor:
-        return SlicePredictor(loaded, self.embeddings, self.profile.preprocessing, self.profile.inference, self.device)
+        return SlicePredictor(
+            loaded, self.embeddings, self.profile.preprocessing, self.profile.inference, self.device, self.bare_model
+        )
 
     def window(self, volume: Volume, override: str | None = None) -> IntensityWindow:
         """The volume's intensity window, computed once per loaded volume (percentiles of a large MR

@@ -11,7 +11,7 @@ import torch
 from torch import Tensor
 
 from .cache import EmbeddingCache, content_key
-from .clicks import respect_clicks, side_contact
+from .clicks import boxes_at_scales, local_correction, respect_clicks, side_contact, stability
 from .config import InferenceSettings, PreprocessSettings
 from .model import AdaptedSam, lone_click
 from .preprocess import IntensityWindow, LetterboxFrame, normalize_slice
@@ -53,8 +53,12 @@ class SlicePredictor:
         preprocessing: PreprocessSettings,
         inference: InferenceSettings,
         device: torch.device | str = "cpu",
+        bare: Callable[[], LoadedModel] | None = None,
     ) -> None:
+        """``bare``: the bare base model (built on first use), whose answers to boxes alone are scale
+        candidates for a lone click when it shares the served model's embedding."""
         self.loaded = loaded
+        self.bare = bare
         self.model = loaded.model
         self.cache = cache
         self.preprocessing = preprocessing
@@ -120,6 +124,10 @@ class SlicePredictor:
         mode = self.inference.multimask_for_single_click
         alone = lone_click(points, boxes, mask_logits) and int(point_labels.reshape(-1)[0]) == 1
         multimask = (mode == "always" or (mode == "auto" and self.model.trained_multimask_single_click)) and alone
+        scaled = alone and bool(self.inference.lone_click_scales_mm)
+        bare = self.bare() if scaled and self.bare is not None else None  # built outside inference mode
+        if bare is not None and bare.encoder_fingerprint != self.loaded.encoder_fingerprint:
+            bare = None  # another embedding: its box answers would need their own encoder pass
         with torch.inference_mode():
             out = self.model.decode(
                 embedding, points=points, boxes=boxes, mask_logits=mask_logits, multimask=multimask
@@ -128,11 +136,27 @@ class SlicePredictor:
             logits = frame.logits_to_slice(low_res)[0, 0]
             mask = (logits > 0).cpu().numpy()
             iou = float(out.iou[0, 0])
-            if alone and self.inference.lone_click_growth_steps > 0:
-                mask, low_res, iou = self._grown_click(embedding, frame, points, (mask, low_res, iou))
+            if scaled:
+                mask, low_res, iou = self._scaled_click(
+                    embedding, frame, points, points_rc[0], spacing, bare, logits.cpu().numpy(), (mask, low_res, iou)
+                )
+        labels_np = np.asarray(point_labels).reshape(-1) if n_points else np.zeros(0, dtype=np.int64)
+        rc_np = np.asarray(points_rc, dtype=np.int64).reshape(-1, 2) if n_points else np.zeros((0, 2), np.int64)
+        if n_points and mask_logits is not None and self.inference.local_corrections:
+            with torch.inference_mode():
+                previous = (frame.logits_to_slice(mask_logits)[0, 0] > 0).cpu().numpy()
+            mask = local_correction(
+                previous,
+                mask,
+                rc_np[labels_np == 1],
+                rc_np[labels_np == 0],
+                self.inference.local_total_share,
+            )
+            # the next round is fed the previous logits where the previous answer was kept
+            answer = frame.labels_to_low_res(mask.astype(np.int64), tuple(low_res.shape[-2:])) > 0
+            differs = torch.as_tensor(answer != (low_res[0, 0] > 0).cpu().numpy(), device=low_res.device)
+            low_res = torch.where(differs, mask_logits.to(low_res.dtype), low_res)
         if n_points and self.inference.respect_clicks:
-            labels_np = np.asarray(point_labels).reshape(-1)
-            rc_np = np.asarray(points_rc, dtype=np.int64).reshape(-1, 2)
             radius = max(1.5, self.model.img_size / self.model.low_res_size[0] / min(frame.scale_r, frame.scale_c))
             mask = respect_clicks(mask, rc_np[labels_np == 1], rc_np[labels_np == 0], radius)
         dec_ms = (time.perf_counter() - start) * 1e3
@@ -144,38 +168,46 @@ class SlicePredictor:
             timings_ms={"encoder": 0.0 if cached else enc_ms, "decoder": dec_ms},
         )
 
-    def _grown_click(
+    def _scaled_click(
         self,
         embedding: Tensor,
         frame: LetterboxFrame,
         points: tuple[Tensor, Tensor],
+        click_rc: np.ndarray,
+        spacing: tuple[float, float],
+        bare: LoadedModel | None,
+        alone_logits: np.ndarray,
         alone: tuple[np.ndarray, Tensor, float],
     ) -> tuple[np.ndarray, Tensor, float]:
-        """A lone click grown to its object's scale: the click inside a box around the click-alone mask,
-        the box doubled while the answer runs into its sides (a fragment of something larger), up to
-        ``lone_click_growth_steps`` times; the first answer that stays inside its box wins. When none does,
-        or the click alone found nothing, the click-alone answer stays."""
-        mask0 = alone[0]
-        if not mask0.any():
-            return alone
-        rows, cols = mask0.shape
-        r_idx, c_idx = np.nonzero(mask0)
-        r0, r1, c0, c1 = r_idx.min(), r_idx.max(), c_idx.min(), c_idx.max()
-        grow = self.inference.lone_click_box_margin
-        for _ in range(self.inference.lone_click_growth_steps):
-            hr = max(2.0, (r1 - r0 + 1) * grow)
-            hc = max(2.0, (c1 - c0 + 1) * grow)
-            box = (max(0, int(r0 - hr)), max(0, int(c0 - hc)), min(rows - 1, int(r1 + hr)), min(cols - 1, int(c1 + hc)))
-            boxes = torch.as_tensor(frame.box_to_model(*box), dtype=torch.float32, device=self.device)[None]
-            out = self.model.decode(embedding, points=points, boxes=boxes)
-            mask = (frame.logits_to_slice(out.low_res_logits)[0, 0] > 0).cpu().numpy()
-            if mask.any() and side_contact(mask, box) <= self.inference.lone_click_max_contact:
-                return mask, out.low_res_logits, float(out.iou[0, 0])
-            if box == (0, 0, rows - 1, cols - 1):
-                break
-            r0, c0, r1, c1 = box
-            grow = 0.5  # each further box: twice the size
-        return alone
+        """A lone click at its object's scale. Candidates: the click alone, the click inside square boxes of
+        ``lone_click_scales_mm`` around it, and ``bare``'s (the bare base model's) answer to each box alone.
+        Answers that run into their box's sides (a fragment of something larger) are dropped; the most
+        stable answer (:func:`stability`) wins, the click alone unless another beats it by
+        ``lone_click_alone_margin`` / sqrt(its area in pixels): a small mask's stability is noisier.
+        Decoder only: two batched decoder passes."""
+        settings = self.inference
+        shape = alone_logits.shape
+        boxes = boxes_at_scales((int(click_rc[0]), int(click_rc[1])), spacing, shape, settings.lone_click_scales_mm)
+        model_boxes = torch.as_tensor(
+            np.stack([frame.box_to_model(*b) for b in boxes]), dtype=torch.float32, device=self.device
+        )
+        n = len(boxes)
+        xy, labels = points
+        answers = [self.model.decode(embedding, points=(xy.expand(n, -1, -1), labels.expand(n, -1)), boxes=model_boxes)]
+        if bare is not None:
+            answers.append(bare.model.decode(embedding, boxes=model_boxes))
+        margin = settings.lone_click_alone_margin / np.sqrt(max(1, int(alone[0].sum())))
+        best, best_score = alone, stability(alone_logits) + margin
+        for out in answers:
+            logits = frame.logits_to_slice(out.low_res_logits)[:, 0].cpu().numpy()
+            for i, box in enumerate(boxes):
+                mask = logits[i] > 0
+                if not mask.any() or side_contact(mask, box) > settings.lone_click_max_contact:
+                    continue
+                score = stability(logits[i])
+                if score > best_score:
+                    best, best_score = (mask, out.low_res_logits[i : i + 1], float(out.iou[i, 0])), score
+        return best
 
     def auto_probabilities(
         self, image: np.ndarray, window: IntensityWindow, spacing: tuple[float, float] = (1.0, 1.0)
