@@ -1,9 +1,10 @@
 """What a click means, on one display-oriented slice.
 
 - A lone foreground click is ambiguous in scale (a lesion, an organ, a whole head?). The predictor also
-  prompts boxes of several physical sizes around it (:func:`boxes_at_scales`) and keeps the answer with
-  the sharpest edge (:func:`stability`) among those that do not run into their box's sides
+  asks for answers to boxes of several physical sizes around it (:func:`boxes_at_scales`) and keeps the
+  most stable answer (:func:`stability`) among those that do not run into their box's sides
   (:func:`side_contact`: the box was too small, the answer a fragment).
+- A correction click changes the answer where it was wrong, not elsewhere (:func:`local_correction`).
 - Every answer respects the clicks: each foreground click lies inside the returned mask and each
   background click outside it (:func:`respect_clicks`). The repair is local, so objects that really
   have several parts keep them.

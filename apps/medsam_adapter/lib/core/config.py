@@ -93,14 +93,14 @@ class InferenceSettings:
     # 3D: prompt the neighbouring slices with the shipped adapters (true) or the bare base model (false);
     # adapters published by training rounds are always used
     propagate_with_shipped_adapters: bool = True
-    # a lone foreground click at its object's scale: besides the click alone, the click inside square boxes
-    # of these physical sizes (mm) and, when it shares the embedding, the bare base model's answer to each
-    # box alone; answers running into more than lone_click_max_contact of their box's sides are dropped and
-    # the most stable answer wins, the click alone unless another beats its stability by
-    # lone_click_alone_margin / sqrt(its area in pixels) (a small mask's stability is noisier).
-    # Empty list: the click alone.
+    # a lone foreground click at its object's scale: besides the click alone, the answers to square boxes of
+    # these physical sizes (mm) around it (the bare base model's to each box alone when it shares the
+    # embedding, else the served model's to the click in each box); answers running into more than
+    # lone_click_max_contact of their box's sides are dropped and the most stable answer wins, the click
+    # alone unless another beats its stability by lone_click_alone_margin / sqrt(its area in pixels)
+    # (a small mask's stability is noisier). Empty list: the click alone.
     lone_click_scales_mm: tuple[float, ...] = field(
-        default=(5.0, 10.0, 20.0, 40.0, 80.0, 160.0, 320.0), metadata={"any_length": True}
+        default=(20.0, 40.0, 80.0, 160.0), metadata={"any_length": True}
     )
     lone_click_max_contact: float = 0.2
     lone_click_alone_margin: float = 1.5

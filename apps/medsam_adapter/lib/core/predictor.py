@@ -179,34 +179,35 @@ class SlicePredictor:
         alone_logits: np.ndarray,
         alone: tuple[np.ndarray, Tensor, float],
     ) -> tuple[np.ndarray, Tensor, float]:
-        """A lone click at its object's scale. Candidates: the click alone, the click inside square boxes of
-        ``lone_click_scales_mm`` around it, and ``bare``'s (the bare base model's) answer to each box alone.
+        """A lone click at its object's scale. Candidates: the click alone and the answers to square boxes
+        of ``lone_click_scales_mm`` around it — ``bare``'s (the bare base model's) to each box alone, or,
+        when there is no bare model on this embedding, the served model's to the click inside each box.
         Answers that run into their box's sides (a fragment of something larger) are dropped; the most
         stable answer (:func:`stability`) wins, the click alone unless another beats it by
         ``lone_click_alone_margin`` / sqrt(its area in pixels): a small mask's stability is noisier.
-        Decoder only: two batched decoder passes."""
+        Decoder only: one batched decoder pass."""
         settings = self.inference
         shape = alone_logits.shape
         boxes = boxes_at_scales((int(click_rc[0]), int(click_rc[1])), spacing, shape, settings.lone_click_scales_mm)
         model_boxes = torch.as_tensor(
             np.stack([frame.box_to_model(*b) for b in boxes]), dtype=torch.float32, device=self.device
         )
-        n = len(boxes)
-        xy, labels = points
-        answers = [self.model.decode(embedding, points=(xy.expand(n, -1, -1), labels.expand(n, -1)), boxes=model_boxes)]
         if bare is not None:
-            answers.append(bare.model.decode(embedding, boxes=model_boxes))
+            out = bare.model.decode(embedding, boxes=model_boxes)
+        else:
+            n = len(boxes)
+            xy, labels = points
+            out = self.model.decode(embedding, points=(xy.expand(n, -1, -1), labels.expand(n, -1)), boxes=model_boxes)
         margin = settings.lone_click_alone_margin / np.sqrt(max(1, int(alone[0].sum())))
         best, best_score = alone, stability(alone_logits) + margin
-        for out in answers:
-            logits = frame.logits_to_slice(out.low_res_logits)[:, 0].cpu().numpy()
-            for i, box in enumerate(boxes):
-                mask = logits[i] > 0
-                if not mask.any() or side_contact(mask, box) > settings.lone_click_max_contact:
-                    continue
-                score = stability(logits[i])
-                if score > best_score:
-                    best, best_score = (mask, out.low_res_logits[i : i + 1], float(out.iou[i, 0])), score
+        logits = frame.logits_to_slice(out.low_res_logits)[:, 0].cpu().numpy()
+        for i, box in enumerate(boxes):
+            mask = logits[i] > 0
+            if not mask.any() or side_contact(mask, box) > settings.lone_click_max_contact:
+                continue
+            score = stability(logits[i])
+            if score > best_score:
+                best, best_score = (mask, out.low_res_logits[i : i + 1], float(out.iou[i, 0])), score
         return best
 
     def auto_probabilities(
