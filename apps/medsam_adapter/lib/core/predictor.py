@@ -140,25 +140,22 @@ class SlicePredictor:
                 mask, low_res, iou = self._scaled_click(
                     embedding, frame, points, points_rc[0], spacing, bare, logits.cpu().numpy(), (mask, low_res, iou)
                 )
-        labels_np = np.asarray(point_labels).reshape(-1) if n_points else np.zeros(0, dtype=np.int64)
-        rc_np = np.asarray(points_rc, dtype=np.int64).reshape(-1, 2) if n_points else np.zeros((0, 2), np.int64)
-        if n_points and mask_logits is not None and self.inference.local_corrections:
-            with torch.inference_mode():
-                previous = (frame.logits_to_slice(mask_logits)[0, 0] > 0).cpu().numpy()
-            mask = local_correction(
-                previous,
-                mask,
-                rc_np[labels_np == 1],
-                rc_np[labels_np == 0],
-                self.inference.local_total_share,
-            )
-            # the next round is fed the previous logits where the previous answer was kept
-            answer = frame.labels_to_low_res(mask.astype(np.int64), tuple(low_res.shape[-2:])) > 0
-            differs = torch.as_tensor(answer != (low_res[0, 0] > 0).cpu().numpy(), device=low_res.device)
-            low_res = torch.where(differs, mask_logits.to(low_res.dtype), low_res)
-        if n_points and self.inference.respect_clicks:
-            radius = max(1.5, self.model.img_size / self.model.low_res_size[0] / min(frame.scale_r, frame.scale_c))
-            mask = respect_clicks(mask, rc_np[labels_np == 1], rc_np[labels_np == 0], radius)
+        if n_points:
+            labels_np = np.asarray(point_labels).reshape(-1)
+            rc_np = np.asarray(points_rc, dtype=np.int64).reshape(-1, 2)
+            fg, bg = rc_np[labels_np == 1], rc_np[labels_np == 0]
+            if mask_logits is not None and self.inference.local_corrections:
+                with torch.inference_mode():
+                    previous = (frame.logits_to_slice(mask_logits)[0, 0] > 0).cpu().numpy()
+                mask = local_correction(previous, mask, fg, bg, self.inference.local_total_share)
+                # the next round is fed the previous logits where the previous answer was kept
+                answer = frame.labels_to_low_res(mask.astype(np.int64), tuple(low_res.shape[-2:])) > 0
+                differs = torch.as_tensor(answer != (low_res[0, 0] > 0).cpu().numpy(), device=low_res.device)
+                low_res = torch.where(differs, mask_logits.to(low_res.dtype), low_res)
+            if self.inference.respect_clicks:
+                scale = min(frame.scale_r, frame.scale_c)
+                radius = max(1.5, self.model.img_size / self.model.low_res_size[0] / scale)
+                mask = respect_clicks(mask, fg, bg, radius)
         dec_ms = (time.perf_counter() - start) * 1e3
         return SliceResult(
             mask=mask,
