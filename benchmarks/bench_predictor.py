@@ -7,7 +7,10 @@ Prints medians over repeats, all measured in this one process so ratios are comp
 - decoder per prompt (box; box + clicks + previous logits),
 - first prompt on a slice (encoder + decoder) vs a further prompt on the same slice (cached),
 - a click with fed-back logits on a cached slice: bare LiteMedSAM vs the shipped click adapter
-  (interleaved repeats, the adapters' cost per click).
+  (interleaved repeats, the adapters' cost per click),
+- the decoder runtimes (lib/serving/decoder_runtime.py) on cached slices of the shipped abdomen CT: torch
+  vs the OpenVINO graph for a lone click (its scale candidates included) and a correction click, with the
+  masks' Dice against torch's (``--decoder-only`` prints just these).
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ import json
 import statistics
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -73,12 +77,72 @@ def click_cost(slice_k, window, spacing, inside, device, repeats: int) -> dict[s
             "click_shipped_over_bare_ratio": round(shipped_ms / bare_ms, 3)}
 
 
+def decoder_runtimes(repeats: int) -> dict[str, float]:
+    """Median ms of a lone click and of a correction click on a cached slice through SlicePredictor, the
+    shipped click adapter's decoder run by torch and by OpenVINO (interleaved), and mask agreement."""
+    from lib.core.config import load_profile
+    from lib.serving.decoder_runtime import RuntimeDecoder
+
+    profile = load_profile(ROOT / "apps" / "medsam_adapter" / "configs" / "lite_medsam.toml")
+    served = AdaptedSam.from_profile(profile)
+    AdapterCheckpoint.load(profile.adapter_checkpoint).apply_to(served)
+    bare = AdaptedSam.from_profile(replace(profile, adapter_checkpoint=None))
+    runtimes = {}
+    for name in ("torch", "openvino_fp32"):
+        decoders = {m: RuntimeDecoder(m, name) for m in (served, bare)}
+        used = {d.prepare() for d in decoders.values()}
+        if used != {name}:
+            raise SystemExit(f"decoder runtime {name} unavailable: {[d.failure for d in decoders.values()]}")
+        bare_loaded = LoadedModel(bare, 0, "base", decode=decoders[bare])
+        runtimes[name] = SlicePredictor(LoadedModel(served, 0, "shipped", shipped=True, decode=decoders[served]),
+                                        EmbeddingCache(512), profile.preprocessing, profile.inference,
+                                        bare=lambda b=bare_loaded: b)
+    image = load_volume(ROOT / "sample-data" / "abdomen_ct.nii.gz")
+    label = load_volume(ROOT / "sample-data" / "reference" / "abdomen_ct.nii.gz")
+    view = SliceView.from_affine(image.affine, 2)
+    window = choose_window(image.array, profile.preprocessing)
+    times: dict[str, list[float]] = {f"{r}_{p}": [] for r in runtimes for p in ("lone_click", "correction_click")}
+    agreement = []
+    ks = np.nonzero(label.array.any(axis=(0, 1)))[0]
+    for k in ks[:: max(1, len(ks) // 4)][:4]:
+        slice_k, gt = view.slice(image.array, int(k)), view.slice(label.array, int(k)) > 0
+        inside = np.argwhere(gt)
+        click = inside[len(inside) // 2][None]
+        extra = np.array([inside[len(inside) // 3], [2, 2]])
+        for r in runtimes.values():  # embeddings cached
+            r.predict(slice_k, window, view.spacing, click, np.array([1]))
+        for _ in range(repeats):
+            masks = {}
+            for name, r in runtimes.items():
+                start = time.perf_counter()
+                first = r.predict(slice_k, window, view.spacing, click, np.array([1]))
+                times[f"{name}_lone_click"].append((time.perf_counter() - start) * 1e3)
+                start = time.perf_counter()
+                second = r.predict(slice_k, window, view.spacing, np.concatenate([click, extra]), np.array([1, 1, 0]),
+                                   None, first.low_res_logits)
+                times[f"{name}_correction_click"].append((time.perf_counter() - start) * 1e3)
+                masks[name] = (first.mask, second.mask)
+            for a, b in zip(masks["torch"], masks["openvino_fp32"], strict=True):
+                agreement.append(1.0 if not (a.any() or b.any()) else 2 * (a & b).sum() / (a.sum() + b.sum()))
+    out: dict[str, float] = {k: statistics.median(v) for k, v in times.items()}
+    for prompt in ("lone_click", "correction_click"):
+        out[f"{prompt}_torch_over_openvino_ratio"] = round(
+            out[f"torch_{prompt}"] / out[f"openvino_fp32_{prompt}"], 2)
+    out["mask_dice_vs_torch_mean"] = round(float(np.mean(agreement)), 4)
+    out["mask_dice_vs_torch_min"] = round(float(np.min(agreement)), 4)
+    return {f"decoder_{k}": v for k, v in out.items()}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--decoder-only", action="store_true", help="only the decoder runtimes' comparison")
     args = parser.parse_args()
     device = torch.device(args.device)
+    if args.decoder_only:
+        print(json.dumps({"threads": torch.get_num_threads(), **decoder_runtimes(args.repeats)}, indent=2))
+        return
 
     base = build_backbone("lite_medsam").to(device)
     model = AdaptedSam(build_backbone("lite_medsam"), AdapterSettings()).to(device)
@@ -127,6 +191,8 @@ def main() -> None:
     results["cached_prompt_box_ms"] = median_ms(run(cached_box), args.repeats * 3)
     results["cached_prompt_box_clicks_logits_ms"] = median_ms(run(cached_refine), args.repeats * 3)
     results.update(click_cost(slice_k, window, view.spacing, inside, device, args.repeats * 5))
+    if device.type == "cpu":
+        results.update(decoder_runtimes(args.repeats))
     results["first_over_cached_ratio"] = round(results["first_prompt_ms"] / results["cached_prompt_box_ms"], 1)
     results["adapted_over_base_encoder_ratio"] = round(results["encoder_adapted_ms"] / results["encoder_base_ms"], 3)
     for key, value in results.items():

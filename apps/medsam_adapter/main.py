@@ -7,6 +7,10 @@ Options (``--conf KEY VALUE``):
   adapter_version      serve this published adapter version instead of the newest (rollback)
   encoder_runtime      auto (default) | torch | torch_bf16 | torch_fp16 | openvino_fp32 | openvino_bf16:
                        overrides the profiles' [inference] encoder_runtime (lib/serving/runtimes.py)
+  decoder_runtime      auto (default) | torch | openvino_fp32: overrides [inference] decoder_runtime
+                       (lib/serving/decoder_runtime.py)
+  warm_up              true (default) | false: build the served and bare models and their encoder and
+                       decoder runtimes in the background at startup (else at the first prompts)
   shipped_adapters     true (default) | false: start from the adapters shipped with a profile (the
                        click adapter of lite_medsam) or from the bare base model
   max_upload_mb        largest accepted upload (image, label, request body) in MiB (default 2048);
@@ -14,6 +18,8 @@ Options (``--conf KEY VALUE``):
   auto_train_after     start a training round after this many newly saved labels (0, default: off)
   ohif_dicomweb        with a local --studies folder: the DICOMweb server the bundled OHIF reads the
                        images from (named by SeriesInstanceUID in the folder), through /ohif-dicomweb/
+  training_nice        how much lower the training round's CPU priority is than the server's (10; 0: same),
+                       so annotators' clicks come first while a round runs
   train_<option>       server-side default of a train option (e.g. train_max_epochs 5), used when a
                        request leaves it out (OHIF's "Update Model" sends nothing)
   scheduler            true (default) | false: run /infer in lib.server's scheduler threads (priorities,
@@ -30,6 +36,7 @@ from __future__ import annotations
 import json
 import logging
 import tempfile
+import threading
 from dataclasses import replace
 from pathlib import Path
 
@@ -42,7 +49,14 @@ from monailabel.tasks.activelearning.first import First
 from monailabel.tasks.activelearning.random import Random
 
 from lib.activelearning import HeadUncertaintyScoring, UncertaintyStrategy
-from lib.core.config import ModelProfile, ProfileError, check_encoder_runtime, load_profiles
+from lib.core.config import (
+    DECODER_RUNTIMES,
+    ENCODER_RUNTIMES,
+    ModelProfile,
+    ProfileError,
+    check_encoder_runtime,
+    load_profiles,
+)
 from lib.core.engine import InteractiveSegmenter
 from lib.datastore import GuardedDatastore, max_upload_mb
 from lib.infers.tasks import AutoTask, DeepEditTask, PromptedTask
@@ -69,11 +83,12 @@ class MedSamAdapterApp(MONAILabelApp):
         self.profiles = self._select_profiles(Path(app_dir) / "configs", conf.get("models", ""))
         if not _conf_flag(conf, "shipped_adapters", True):
             self.profiles = {n: replace(p, adapter_checkpoint=None) for n, p in self.profiles.items()}
-        if conf.get("encoder_runtime"):
-            runtime = check_encoder_runtime(conf["encoder_runtime"], "--conf encoder_runtime")
-            self.profiles = {
-                n: replace(p, inference=replace(p.inference, encoder_runtime=runtime)) for n, p in self.profiles.items()
-            }
+        for key, known in (("encoder_runtime", ENCODER_RUNTIMES), ("decoder_runtime", DECODER_RUNTIMES)):
+            if conf.get(key):
+                runtime = check_encoder_runtime(conf[key], f"--conf {key}", known)
+                self.profiles = {
+                    n: replace(p, inference=replace(p.inference, **{key: runtime})) for n, p in self.profiles.items()
+                }
         device = conf.get("device") or None
         cache_mb = conf.get("embedding_cache_mb")
         self.segmenters = {
@@ -98,6 +113,21 @@ class MedSamAdapterApp(MONAILabelApp):
             description="LiteMedSAM / SAM / MedSAM with adapters: boxes, clicks, refinement, 3D propagation",
             version="0.1.0",
         )
+        self._warm_up_wanted = _conf_flag(conf, "warm_up", True)
+
+    def on_init_complete(self) -> None:
+        """The server started (not called in MONAI Label's training subprocess): warm up in the background."""
+        super().on_init_complete()
+        if self._warm_up_wanted:
+            threading.Thread(target=self._warm_up, name="warm-up", daemon=True).start()
+
+    def _warm_up(self) -> None:
+        """Models and their encoder and decoder runtimes built ahead of the first prompts."""
+        for name, segmenter in self.segmenters.items():
+            try:
+                segmenter.warm_up()
+            except Exception:  # noqa: BLE001 - the first prompt builds them again and reports the problem
+                logger.exception("warm-up of %s failed", name)
 
     @staticmethod
     def _select_profiles(config_dir: Path, models: str) -> dict[str, ModelProfile]:
@@ -151,7 +181,11 @@ class MedSamAdapterApp(MONAILabelApp):
         defaults = {k[len("train_") :]: v for k, v in self.conf.items() if k.startswith("train_")}
         return {
             self.task_prefix(n, name): AdapterTrainTask(
-                segmenter, Path(self.app_dir) / "model" / name, defaults, dicomweb_url=self.dicomweb_url()
+                segmenter,
+                Path(self.app_dir) / "model" / name,
+                defaults,
+                dicomweb_url=self.dicomweb_url(),
+                nice=int(self.conf.get("training_nice", "10") or 0),
             )
             for n, (name, segmenter) in enumerate(self.segmenters.items())
         }

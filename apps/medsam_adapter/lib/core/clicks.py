@@ -57,6 +57,31 @@ def side_contact(mask: np.ndarray, box: Box) -> float:
     return touched / total if total else 0.0
 
 
+def pick_scale(
+    alone: np.ndarray,
+    alone_logits: np.ndarray,
+    box_logits: np.ndarray,
+    boxes: list[Box],
+    max_contact: float,
+    alone_margin: float,
+    pixel_area: float = 1.0,
+) -> int:
+    """Which answer to a lone click to keep: -1 for the click alone, else ``i`` for ``box_logits[i]`` (the
+    answer to ``boxes[i]``). Answers that run into more than ``max_contact`` of their box's sides (the box
+    was too small: a fragment) are dropped; the most stable one wins, the click alone unless another beats
+    its stability by ``alone_margin`` / sqrt(its area), a small mask's stability being noisier.
+    ``pixel_area``: slice pixels per pixel of these arrays (the margin is in slice pixels)."""
+    best, best_score = -1, stability(alone_logits) + alone_margin / np.sqrt(max(1.0, alone.sum() * pixel_area))
+    for i, box in enumerate(boxes):
+        mask = box_logits[i] > 0
+        if not mask.any() or side_contact(mask, box) > max_contact:
+            continue
+        score = stability(box_logits[i])
+        if score > best_score:
+            best, best_score = i, score
+    return best
+
+
 def local_correction(
     previous: np.ndarray,
     new: np.ndarray,

@@ -20,6 +20,8 @@ TRAINABLE_PARTS = (
 INTENSITY_MODES = ("auto", "ct", "percentile", "minmax")
 # image-encoder runtimes (lib/serving/runtimes.py); auto: the fastest verified one on this machine
 ENCODER_RUNTIMES = ("auto", "torch", "torch_bf16", "torch_fp16", "openvino_fp32", "openvino_bf16")
+# mask-decoder runtimes (lib/serving/decoder_runtime.py); auto: OpenVINO fp32 on a CPU where installed
+DECODER_RUNTIMES = ("auto", "torch", "openvino_fp32")
 # adapter designs (lib/core/adapters.py): msa = Medical SAM Adapter (default), samus = SAMUS's encoder parts
 ADAPTER_DESIGNS = ("msa", "samus")
 HEADS = ("decoder", "unet", "linear")  # AutoSAM's prompt-free heads (lib/core/heads.py)
@@ -44,10 +46,11 @@ class ProfileError(ValueError):
     """A model profile is missing, malformed or inconsistent."""
 
 
-def check_encoder_runtime(name: str, where: str) -> str:
-    """``name`` when it is a known encoder runtime, else a :class:`ProfileError` saying ``where``."""
-    if name not in ENCODER_RUNTIMES:
-        raise ProfileError(f"{where}: unknown encoder runtime {name!r}; known: {list(ENCODER_RUNTIMES)}")
+def check_encoder_runtime(name: str, where: str, known: tuple[str, ...] = ENCODER_RUNTIMES) -> str:
+    """``name`` when it is one of ``known`` runtimes (the encoder's by default), else a
+    :class:`ProfileError` saying ``where``."""
+    if name not in known:
+        raise ProfileError(f"{where}: unknown runtime {name!r}; known: {list(known)}")
     return name
 
 
@@ -120,6 +123,7 @@ class InferenceSettings:
     embedding_cache_mb: int = 512
     volume_cache_mb: int = 1024
     encoder_runtime: str = "auto"  # one of ENCODER_RUNTIMES
+    decoder_runtime: str = "auto"  # one of DECODER_RUNTIMES
 
 
 @dataclass(frozen=True)
@@ -234,6 +238,11 @@ def parse_profile(data: dict[str, Any], source: Path | None = None) -> ModelProf
         if getattr(inference, option) not in ("auto", "always", "never"):
             raise ProfileError(f"{where}: [inference].{option} must be auto, always or never")
     check_encoder_runtime(inference.encoder_runtime, f"{where}: [inference].encoder_runtime")
+    check_encoder_runtime(inference.decoder_runtime, f"{where}: [inference].decoder_runtime", DECODER_RUNTIMES)
+    if not inference.lone_click_alone_margin >= 0:
+        raise ProfileError(f"{where}: [inference].lone_click_alone_margin must be at least 0")
+    if not 0 <= inference.local_total_share <= 1:
+        raise ProfileError(f"{where}: [inference].local_total_share must be between 0 and 1")
     trainable = data.pop("trainable", list(TRAINABLE_PARTS))
     if not isinstance(trainable, list) or any(p not in TRAINABLE_PARTS for p in trainable):
         raise ProfileError(f"{where}: `trainable` must be a list drawn from {list(TRAINABLE_PARTS)}")

@@ -226,10 +226,12 @@ class InteractiveSegmenter:
         if not model.prompt_free_head_trained:
             load_shipped_head(self.profile, model)  # the head shipped for this embedding, if any
         model.to(self.device).eval()
+        from ..serving.decoder_runtime import RuntimeDecoder  # OpenVINO graph built in the background
         from ..serving.runtimes import RuntimeEncoder  # the profile's encoder runtime, prepared on first use
 
         encode = RuntimeEncoder(model, self.profile.inference.encoder_runtime)
-        return LoadedModel(model, version, f"{self.profile.name}:{fingerprint}", kind == "shipped", encode)
+        decode = RuntimeDecoder(model, self.profile.inference.decoder_runtime)
+        return LoadedModel(model, version, f"{self.profile.name}:{fingerprint}", kind == "shipped", encode, decode)
 
     def bare_model(self) -> LoadedModel:
         """The base model without any adapters (built once, sharing the frozen backbone)."""
@@ -239,6 +241,14 @@ class InteractiveSegmenter:
                 if self._bare is None:
                     self._bare = self._build(BASE_SOURCE)
         return self._bare
+
+    def warm_up(self) -> None:
+        """Build the served and the bare model versions and their encoder and decoder runtimes now (the
+        server does this in the background at startup, so the first prompts do not pay for it)."""
+        for loaded in (self.current(), self.bare_model()):
+            for runtime in (loaded.encode, loaded.decode):
+                if runtime is not None and hasattr(runtime, "prepare"):
+                    runtime.prepare()
 
     def served_adapters(self) -> Path | None:
         """The adapter checkpoint file behind the model served now (None: the bare base model)."""
@@ -352,7 +362,7 @@ class InteractiveSegmenter:
         if key is not None:
             self.clients.put(key, loaded.name, first.low_res_logits)
 
-        label = np.zeros(volume.shape, dtype=np.uint8)
+        label = np.zeros(volume.shape, dtype=np.uint8, order="F")  # the order label files store
         results: dict[int, SliceResult] = {k: first}
         if three_d and first.mask.any():
             bounds = (0, volume.shape[axis] - 1)
@@ -412,7 +422,7 @@ class InteractiveSegmenter:
         predictor = self.predictor(loaded)
         view = SliceView.from_affine(volume.affine, axis)
         win = self.window(volume, window)
-        label = np.zeros(volume.shape, dtype=np.uint8)
+        label = np.zeros(volume.shape, dtype=np.uint8, order="F")  # the order label files store
         index = [slice(None)] * 3
         for k in range(volume.shape[axis]):
             index[axis] = k

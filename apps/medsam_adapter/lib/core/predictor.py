@@ -11,9 +11,9 @@ import torch
 from torch import Tensor
 
 from .cache import EmbeddingCache, content_key
-from .clicks import boxes_at_scales, local_correction, respect_clicks, side_contact, stability
+from .clicks import boxes_at_scales, local_correction, pick_scale, respect_clicks
 from .config import InferenceSettings, PreprocessSettings
-from .model import AdaptedSam, lone_click
+from .model import AdaptedSam, Decoded, lone_click
 from .preprocess import IntensityWindow, LetterboxFrame, normalize_slice
 
 
@@ -27,6 +27,12 @@ class LoadedModel:
     shipped: bool = False  # the profile's shipped adapters (version 0)
     # the encoder runtime (lib/serving/runtimes.py) for inference; None: the model's own torch encode
     encode: Callable[[Tensor], Tensor] | None = field(default=None, compare=False, repr=False)
+    # the decoder runtime (lib/serving/decoder_runtime.py), AdaptedSam.decode's signature; None: the model's
+    decode: Callable[..., Decoded] | None = field(default=None, compare=False, repr=False)
+
+    def decoder(self) -> Callable[..., Decoded]:
+        """What decodes prompts for inference: the runtime, else the model's own ``decode``."""
+        return self.decode or self.model.decode
 
     @property
     def name(self) -> str:
@@ -129,7 +135,7 @@ class SlicePredictor:
         if bare is not None and bare.encoder_fingerprint != self.loaded.encoder_fingerprint:
             bare = None  # another embedding: its box answers would need their own encoder pass
         with torch.inference_mode():
-            out = self.model.decode(
+            out = self.loaded.decoder()(
                 embedding, points=points, boxes=boxes, mask_logits=mask_logits, multimask=multimask
             ).kept()
             low_res = out.low_res_logits
@@ -190,22 +196,19 @@ class SlicePredictor:
             np.stack([frame.box_to_model(*b) for b in boxes]), dtype=torch.float32, device=self.device
         )
         if bare is not None:
-            out = bare.model.decode(embedding, boxes=model_boxes)
+            out = bare.decoder()(embedding, boxes=model_boxes)
         else:
             n = len(boxes)
             xy, labels = points
-            out = self.model.decode(embedding, points=(xy.expand(n, -1, -1), labels.expand(n, -1)), boxes=model_boxes)
-        margin = settings.lone_click_alone_margin / np.sqrt(max(1, int(alone[0].sum())))
-        best, best_score = alone, stability(alone_logits) + margin
+            out = self.loaded.decoder()(
+                embedding, points=(xy.expand(n, -1, -1), labels.expand(n, -1)), boxes=model_boxes
+            )
         logits = frame.logits_to_slice(out.low_res_logits)[:, 0].cpu().numpy()
-        for i, box in enumerate(boxes):
-            mask = logits[i] > 0
-            if not mask.any() or side_contact(mask, box) > settings.lone_click_max_contact:
-                continue
-            score = stability(logits[i])
-            if score > best_score:
-                best, best_score = (mask, out.low_res_logits[i : i + 1], float(out.iou[i, 0])), score
-        return best
+        i = pick_scale(alone[0], alone_logits, logits, boxes, settings.lone_click_max_contact,
+                       settings.lone_click_alone_margin)
+        if i < 0:
+            return alone
+        return logits[i] > 0, out.low_res_logits[i : i + 1], float(out.iou[i, 0])
 
     def auto_probabilities(
         self, image: np.ndarray, window: IntensityWindow, spacing: tuple[float, float] = (1.0, 1.0)

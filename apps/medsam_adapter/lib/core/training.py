@@ -6,6 +6,9 @@ logits fed back as the mask prompt, then mask-only rounds. Loss: Dice + BCE (MON
 predicted and real IoU. A single click is ambiguous (a part or the whole?): as in SAM, it gets three
 masks and only the best one is trained, and inference keeps the one with the highest predicted IoU.
 The prompt-free head learns the same labels (Dice + CE).
+With served answers (:mod:`.served_session`) the annotator sees what inference shows instead of the
+trained model's own answers: the bare model's answer to a box alone, a lone click at its scale, local
+corrections; the adapter then learns to refine those, and the first answer is not trained.
 Everything happens in the decoder's low-res frame; when the encoder's adapters are not trained, image
 embeddings are computed once and reused (the CPU default).
 """
@@ -34,6 +37,7 @@ from .config import PreprocessSettings
 from .model import AdaptedSam, Decoded, lone_click
 from .orientation import SliceView
 from .preprocess import LetterboxFrame, choose_window, normalize_slice
+from .served_session import LowResGeometry, ServedAnswers, low_res_to_model
 from .volume import Volume, load_volume
 
 logger = logging.getLogger(__name__)
@@ -90,6 +94,7 @@ class SliceSample:
     head_target: np.ndarray | None  # (h, w) profile label indices, None when no known names
     model_input: Tensor | None = None  # (1, 3, S, S), kept when the encoder trains
     embedding: Tensor | None = None  # (1, C, eh, ew), cached when it does not
+    geometry: LowResGeometry | None = None  # the slice's place and pixel size in the low-res frame
 
 
 @dataclass
@@ -169,7 +174,14 @@ def prepare_samples(
                 for v, idx in known.items():
                     head_target[lr == v] = idx
             x = frame.image_to_model(normalize_slice(raw, window, preprocessing.per_slice_minmax)).to(device)
-            sample = SliceSample(vol.image_id or getattr(vol.image, "name", "image"), k, lr, objects, head_target)
+            per_model_pixel = model.img_size / low_res[0]  # model pixels per low-res pixel
+            geometry = LowResGeometry(
+                frame.low_res_extent(low_res), view.spacing[0] / frame.scale_r * per_model_pixel,
+                per_model_pixel / frame.scale_r,
+            )
+            sample = SliceSample(
+                vol.image_id or getattr(vol.image, "name", "image"), k, lr, objects, head_target, geometry=geometry
+            )
             if settings.train_encoder_adapters:
                 sample.model_input = x
             elif embeddings is not None:
@@ -183,17 +195,17 @@ def prepare_samples(
     return samples
 
 
-def _to_model(rc: np.ndarray, factor: float) -> np.ndarray:
-    """Low-res (row, col) pixel indices -> model-frame SAM (x, y)."""
-    rc = np.asarray(rc, dtype=np.float64).reshape(-1, 2)
-    return np.stack([(rc[:, 1] + 0.5) * factor - 0.5, (rc[:, 0] + 0.5) * factor - 0.5], axis=1)
-
-
 class AdapterTrainer:
     """Trains the unfrozen parts of an :class:`AdaptedSam` on :class:`SliceSample` lists."""
 
-    def __init__(self, model: AdaptedSam, settings: TrainSettings, device: torch.device) -> None:
+    def __init__(
+        self, model: AdaptedSam, settings: TrainSettings, device: torch.device, served: ServedAnswers | None = None
+    ) -> None:
+        """``served``: the simulated annotator sees what inference shows (boxes alone answered by the bare
+        model, a lone click at its scale, local corrections), and box answers are not trained; None: it
+        sees the trained model's own answers."""
         self.model = model
+        self.served = served
         self.settings = settings
         self.device = device
         self.factor = model.img_size / model.low_res_size[1]
@@ -215,14 +227,14 @@ class AdapterTrainer:
         labels = np.zeros((len(clicks), len(clicks[0])), dtype=np.int64)
         for b, item in enumerate(clicks):
             for n, (r, c, lab) in enumerate(item):
-                coords[b, n] = _to_model(np.array([[r, c]]), self.factor)[0]
+                coords[b, n] = low_res_to_model(np.array([[r, c]]), self.factor)[0]
                 labels[b, n] = lab
         return torch.from_numpy(coords).to(self.device), torch.from_numpy(labels).to(self.device)
 
     def _box(self, boxes: list[tuple[int, int, int, int]]) -> Tensor:
         out = []
         for r0, c0, r1, c1 in boxes:
-            (x0, y0), (x1, y1) = _to_model(np.array([[r0, c0], [r1, c1]]), self.factor)
+            (x0, y0), (x1, y1) = low_res_to_model(np.array([[r0, c0], [r1, c1]]), self.factor)
             out.append([x0, y0, x1, y1])
         return torch.tensor(out, dtype=torch.float32, device=self.device)
 
@@ -296,7 +308,11 @@ class AdapterTrainer:
             boxed = bool(use_box[group[0]])
             boxes = self._box([jittered_box(o, rng, s.box_jitter) for o in gt_np]) if boxed else None
             clicks = [[] if boxed else [(*random_interior_point(o, rng), 1)] for o in gt_np]
-            trained = np.full(len(batch), int(rng.integers(n_rounds)))
+            # served sessions: the first answer (a box alone: the bare model's; a lone click: chosen among
+            # the bare model's scale answers and the click alone by stability) is not trained: a sharper
+            # click-alone answer would win that choice more often without being better
+            first = 1 if self.served is not None else 0
+            trained = np.full(len(batch), int(rng.integers(first, n_rounds)))
             horizon = n_rounds if s.negative_click_share > 0 else int(trained[0]) + 1
             states: list[tuple[tuple[Tensor, Tensor] | None, Tensor | None]] = []  # (points, mask) per round
             negative = np.zeros((horizon, len(batch)), dtype=bool)  # the round's new click removes
@@ -314,7 +330,10 @@ class AdapterTrainer:
                 with torch.no_grad():
                     logits, iou_pred = self._decode_each(emb, boxes, [(points, mask_in)] * len(batch))
                 # the annotator goes on from the mask inference would show: the highest predicted IoU
-                mask_in = Decoded(logits, iou_pred).kept().low_res_logits
+                shown = Decoded(logits, iou_pred).kept().low_res_logits
+                if self.served is not None:
+                    shown = self._served(r, emb, boxes, batch, clicks, mask_in, shown)
+                mask_in = shown
                 pred = (mask_in[:, 0] > 0).cpu().numpy()
             if s.negative_click_share > 0:
                 trained = trained_rounds(trained, negative, s.negative_click_share, rng)
@@ -323,6 +342,31 @@ class AdapterTrainer:
             total = total + self._round_loss(logits, iou_pred, gt)
             groups += 1
         return total / max(groups, 1)
+
+    def _served(
+        self,
+        r: int,
+        emb: Tensor,
+        boxes: Tensor | None,
+        batch: list[tuple[SliceSample, np.ndarray]],
+        clicks: list[list[tuple[int, int, int]]],
+        previous: Tensor | None,
+        own: Tensor,
+    ) -> Tensor:
+        """Round ``r``'s answers as inference shows them, from the trained model's own ``own``."""
+        served = self.served
+        if r == 0 and boxes is not None:
+            return served.box(emb, boxes)
+        out = []
+        for b, (sample, _) in enumerate(batch):
+            if r == 0 and sample.geometry is not None:
+                r0, c0, _ = clicks[b][0]
+                out.append(served.lone_click(emb[b : b + 1], own[b : b + 1], (r0, c0), sample.geometry))
+            elif previous is not None:
+                out.append(served.correction(previous[b : b + 1], own[b : b + 1], clicks[b]))
+            else:
+                out.append(own[b : b + 1])
+        return torch.cat(out)
 
     def head_step_loss(self, samples: list[SliceSample]) -> Tensor | None:
         samples = [s for s in samples if s.head_target is not None]
@@ -341,8 +385,9 @@ class AdapterTrainer:
         items = [(s, o) for s in samples for o in s.objects][: self.settings.max_val_objects]
         for sample, obj in items:
             emb = self._embed([sample], grad=False)
-            out = self.model.decode(emb, boxes=self._box([jittered_box(obj, None, 0)]))
-            box_d.append(dice(out.low_res_logits[0, 0].cpu().numpy() > 0, obj))
+            box = self._box([jittered_box(obj, None, 0)])
+            box_logits = self.served.box(emb, box) if self.served else self.model.decode(emb, boxes=box).low_res_logits
+            box_d.append(dice(box_logits[0, 0].cpu().numpy() > 0, obj))
             r, c = interior_point(obj)
             session = [(r, c, 1)]
             mask_in = None
@@ -351,6 +396,8 @@ class AdapterTrainer:
                 multimask = self._multimask(points, None, mask_in)
                 out = self.model.decode(emb, points=points, mask_logits=mask_in, multimask=multimask)
                 logits = out.kept().low_res_logits
+                if self.served is not None:
+                    logits = self._served(n, emb, None, [(sample, obj)], [session], mask_in, logits)
                 pred = logits[0, 0].cpu().numpy() > 0
                 if n == 0:
                     one_d.append(dice(pred, obj))

@@ -64,6 +64,8 @@ def fortran_label(pred: np.ndarray, dtype: str) -> np.ndarray:
     copies bytes instead of transposing the volume (a 512x512x100 CT: 26 MB); only slices holding
     labels are copied, the rest stays zero."""
     pred = np.asarray(pred)
+    if pred.dtype == np.dtype(dtype) and pred.flags.f_contiguous:
+        return pred  # the engine's labels already are (no copy)
     out = np.zeros(pred.shape, dtype=dtype, order="F")
     if pred.ndim != 3:
         out[...] = pred
@@ -203,7 +205,7 @@ class DeepEditTask(MedSamInferTask):
             raise PromptError(f"no clicks for any label: send clicks under one of {list(self.labels)}")
         if roi is not None and len(edited) > 1:
             raise PromptError(f"an ROI box belongs to one object, but clicks were sent for {edited}")
-        label = np.zeros(volume.shape, dtype=np.uint8)
+        label = np.zeros(volume.shape, dtype=np.uint8, order="F")  # the order label files store
         params: dict[str, Any] = {"labels": {}}
         for name, idx in self.labels.items():
             if not len(clicks[name]):

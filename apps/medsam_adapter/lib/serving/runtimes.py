@@ -232,21 +232,40 @@ def _fsync_tree(folder: Path) -> None:
             os.close(fd)
 
 
-class ExportedEncoder:
-    """One encoder exported as OpenVINO IR in ``cache_dir/<backbone>-<key>-ov<version>/``."""
+class ExportedGraph:
+    """A part of a model exported as OpenVINO IR in ``cache_dir/<backbone>[-<part>]-<key>-ov<version>/``,
+    written atomically, checked on load, rebuilt when missing, damaged or of another key. Subclasses say
+    what is exported (:meth:`convert`) and what else is saved beside it (:meth:`save_extras`)."""
 
-    FILES = ("encoder.xml", "encoder.bin", "probe_reference.npy")  # + torch fp32's embedding of the probe
+    stem = "graph"  # <stem>.xml / <stem>.bin
+    folder_tag = ""  # in the folder name after the backbone's
+    extra_files: tuple[str, ...] = ()
 
-    def __init__(self, model: AdaptedSam, cache_dir: Path, key: str | None = None) -> None:
+    def __init__(self, model: AdaptedSam, cache_dir: Path, key: str) -> None:
         self.model = model
-        self.key = key or encoder_key(model)
+        self.key = key
         self.version = openvino_version()
         if self.version is None:
             raise RuntimeUnavailable("openvino is not installed (pip install -r requirements.txt)")
         self.cache_dir = Path(cache_dir)
         short = self.version.split("-")[0]
-        self.folder = self.cache_dir / f"{model.backbone_name}-{self.key[:24]}-ov{short}"
+        self.folder = self.cache_dir / f"{model.backbone_name}{self.folder_tag}-{self.key[:24]}-ov{short}"
         self.export_s: float | None = None  # set when this process exported it
+
+    @property
+    def files(self) -> tuple[str, ...]:
+        return (f"{self.stem}.xml", f"{self.stem}.bin", *self.extra_files)
+
+    def input_spec(self) -> list:
+        """The graph's input shapes as recorded in the manifest (-1: dynamic)."""
+        raise NotImplementedError
+
+    def convert(self, openvino):
+        """The part as an ``openvino.Model`` (``openvino.convert_model`` on a torch module)."""
+        raise NotImplementedError
+
+    def save_extras(self, folder: Path) -> None:
+        """Write :attr:`extra_files` into ``folder``."""
 
     def manifest(self) -> dict:
         return {
@@ -255,7 +274,7 @@ class ExportedEncoder:
             "base_sha256": self.model.base_sha256,
             "openvino": self.version,
             "torch": torch.__version__,
-            "input": [1, 3, self.model.img_size, self.model.img_size],
+            "input": self.input_spec(),
         }
 
     def problem(self) -> str | None:
@@ -270,7 +289,7 @@ class ExportedEncoder:
         expected = self.manifest()
         if any(manifest.get(k) != expected[k] for k in ("key", "openvino", "input")):
             return "built for another encoder or OpenVINO version"
-        for name in self.FILES:
+        for name in self.files:
             file = self.folder / name
             if not file.is_file() or _sha256(file) != manifest.get("files", {}).get(name):
                 return f"{name} is missing or damaged"
@@ -285,34 +304,25 @@ class ExportedEncoder:
             self.export()
         else:
             os.utime(self.folder)  # most recently used: kept when old entries are pruned
-        return _openvino_core().read_model(str(self.folder / "encoder.xml"))
-
-    def probe_reference(self) -> Tensor:
-        """torch fp32's embedding of :func:`probe_image`, saved at export (checked with the IR)."""
-        return torch.from_numpy(np.load(self.folder / "probe_reference.npy"))
+        return _openvino_core().read_model(str(self.folder / f"{self.stem}.xml"))
 
     def export(self) -> None:
-        """Convert the encoder with ``openvino.convert_model`` and save its IR atomically."""
+        """Convert the part with ``openvino.convert_model`` and save its IR atomically."""
         openvino = _openvino()
         start = time.perf_counter()
         self.cache_dir.mkdir(parents=True, exist_ok=True)
         tmp = self.cache_dir / f".{self.folder.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp"
         try:
             tmp.mkdir()
-            size = self.model.img_size
-            example = probe_image(size).to(self.model.device)
             if self.model.device.type != "cpu":
                 raise RuntimeUnavailable("OpenVINO export needs the model on the CPU")
             with torch.no_grad(), warnings.catch_warnings():
-                # TinyViT's shape checks become constants in the trace: the graph has a fixed input size
+                # shape checks become constants in the trace
                 warnings.simplefilter("ignore", torch.jit.TracerWarning)
-                ov_model = openvino.convert_model(
-                    _EncodeModule(self.model).eval(), example_input=example, input=[(1, 3, size, size)]
-                )
-            openvino.save_model(ov_model, str(tmp / "encoder.xml"), compress_to_fp16=False)
-            with torch.inference_mode():
-                np.save(tmp / "probe_reference.npy", self.model.encode(example).cpu().numpy())
-            manifest = {**self.manifest(), "files": {n: _sha256(tmp / n) for n in self.FILES}}
+                ov_model = self.convert(openvino)
+            openvino.save_model(ov_model, str(tmp / f"{self.stem}.xml"), compress_to_fp16=False)
+            self.save_extras(tmp)
+            manifest = {**self.manifest(), "files": {n: _sha256(tmp / n) for n in self.files}}
             manifest["export_s"] = round(time.perf_counter() - start, 2)
             (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1))
             _fsync_tree(tmp)
@@ -327,9 +337,40 @@ class ExportedEncoder:
             raise
         self.export_s = time.perf_counter() - start
         logger.info(
-            "exported the %s encoder to OpenVINO IR %s in %.1f s", self.model.backbone_name, self.folder, self.export_s
+            "exported the %s %s to OpenVINO IR %s in %.1f s", self.model.backbone_name, self.stem, self.folder,
+            self.export_s,
         )
         prune_cache(self.cache_dir, keep=KEEP_CACHED)
+
+
+class ExportedEncoder(ExportedGraph):
+    """The image encoder (pixel normalisation and adapters included), with torch fp32's embedding of the
+    probe image saved beside it (the reference the runtime is checked against)."""
+
+    stem = "encoder"
+    extra_files = ("probe_reference.npy",)
+
+    def __init__(self, model: AdaptedSam, cache_dir: Path, key: str | None = None) -> None:
+        super().__init__(model, cache_dir, key or encoder_key(model))
+
+    def input_spec(self) -> list:
+        return [1, 3, self.model.img_size, self.model.img_size]
+
+    def convert(self, openvino):
+        size = self.model.img_size
+        # TinyViT's shape checks become constants in the trace: the graph has a fixed input size
+        example = probe_image(size).to(self.model.device)
+        module = _EncodeModule(self.model).eval()
+        return openvino.convert_model(module, example_input=example, input=[(1, 3, size, size)])
+
+    def save_extras(self, folder: Path) -> None:
+        with torch.inference_mode():
+            probe = probe_image(self.model.img_size).to(self.model.device)
+            np.save(folder / "probe_reference.npy", self.model.encode(probe).cpu().numpy())
+
+    def probe_reference(self) -> Tensor:
+        """torch fp32's embedding of :func:`probe_image`, saved at export (checked with the IR)."""
+        return torch.from_numpy(np.load(self.folder / "probe_reference.npy"))
 
 
 def prune_cache(cache_dir: Path, keep: int = KEEP_CACHED) -> list[Path]:
@@ -505,10 +546,11 @@ def main(argv: list[str] | None = None) -> int:
     """``python -m lib.serving.runtimes build``: export and check each profile's encoder ahead of time."""
     from ..core.config import load_profiles
     from ..core.engine import InteractiveSegmenter
+    from .decoder_runtime import RuntimeDecoder
 
     parser = argparse.ArgumentParser(prog="python -m lib.serving.runtimes", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
-    build = sub.add_parser("build", help="build the encoder runtime of the served model versions now")
+    build = sub.add_parser("build", help="build the encoder and decoder runtimes of the served model versions now")
     build.add_argument("--models", default="lite_medsam", help="comma-separated profile names (configs/)")
     build.add_argument("--runtime", default=None, help="override the profiles' encoder_runtime")
     build.add_argument(
@@ -530,6 +572,11 @@ def main(argv: list[str] | None = None) -> int:
                 f"{built.build_s:.1f} s{' (exported)' if built.exported else ' (from cache)'}"
             )
             if runtime != "auto" and built.name != runtime:
+                status = 1
+            decoder = RuntimeDecoder(loaded.model, profile.inference.decoder_runtime, args.cache_dir)
+            used = decoder.prepare()
+            print(f"{name} {loaded.name} decoder: {used}" + (f" ({decoder.failure})" if decoder.failure else ""))
+            if decoder.wanted and used != "openvino_fp32":
                 status = 1
     return status
 

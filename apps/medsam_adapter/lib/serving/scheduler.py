@@ -23,6 +23,7 @@ queue drops its oldest job. Plain Python, no web framework: the HTTP side is ``i
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
@@ -38,14 +39,30 @@ from typing import Any
 logger = logging.getLogger(__name__)
 
 
-def lower_thread_priority(by: int) -> None:
-    """Raise the calling thread's niceness by ``by`` (Linux: per thread; threads it starts later
-    inherit it). Does nothing where that is not possible."""
-    try:
-        tid = threading.get_native_id()
-        os.setpriority(os.PRIO_PROCESS, tid, min(19, os.getpriority(os.PRIO_PROCESS, tid) + by))
-    except (AttributeError, OSError):
-        pass
+class lower_thread_priority:  # noqa: N801 - used like a function
+    """Raise the calling thread's niceness by ``by`` (Linux: per thread; threads and processes it starts
+    later inherit it). Does nothing where that is not possible. As a context manager, the thread's
+    niceness is put back on exit (its children keep theirs)."""
+
+    def __init__(self, by: int) -> None:
+        self.before: int | None = None
+        if by <= 0:
+            return
+        try:
+            self.tid = threading.get_native_id()
+            self.before = os.getpriority(os.PRIO_PROCESS, self.tid)
+            os.setpriority(os.PRIO_PROCESS, self.tid, min(19, self.before + by))
+        except (AttributeError, OSError):
+            self.before = None
+
+    def __enter__(self) -> lower_thread_priority:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.before is not None:
+            # lowering niceness back may need privileges: then it stays lower, which is harmless
+            with contextlib.suppress(OSError):
+                os.setpriority(os.PRIO_PROCESS, self.tid, self.before)
 
 
 class Priority(IntEnum):

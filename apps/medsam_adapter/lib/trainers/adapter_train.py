@@ -39,6 +39,7 @@ from lib.core.training import (
 )
 from lib.core.volume import VolumeError, label_in_grid, load_volume
 from lib.pacs import seg_labels
+from lib.serving.scheduler import lower_thread_priority
 
 logger = logging.getLogger(__name__)
 
@@ -73,13 +74,17 @@ class AdapterTrainTask(TrainTask):
         output_dir: Path,
         defaults: dict | None = None,
         dicomweb_url: str | None = None,
+        nice: int = 10,
     ) -> None:
+        """``nice``: how much lower than the server's the round's CPU priority is (Linux niceness of the
+        training thread and every thread and process it starts), so annotators' clicks come first."""
         super().__init__(f"Fine-tune the adapters and heads of '{segmenter.profile.name}' on submitted labels")
         self.defaults = dict(defaults or {})  # server-side defaults for options a request leaves out
         self.segmenter = segmenter
         self.dicomweb_url = dicomweb_url  # labels are the DICOM-SEGs of this PACS
         self.output_dir = output_dir
         self.stats_path = output_dir / "train_stats.json"
+        self.nice = nice
 
     def config(self) -> dict[str, Any]:
         defaults = TrainSettings()
@@ -168,6 +173,10 @@ class AdapterTrainTask(TrainTask):
 
     # -- the round --------------------------------------------------------------------------------
     def __call__(self, request: dict, datastore: Datastore) -> dict[str, Any]:
+        with lower_thread_priority(self.nice):
+            return self._round(request, datastore)
+
+    def _round(self, request: dict, datastore: Datastore) -> dict[str, Any]:
         start = time.time()
         stats: dict[str, Any] = {"status": "RUNNING", "start_ts": int(start), "epoch": 0, "total_epochs": 0}
         write_json_atomic(self.stats_path, stats)
@@ -333,6 +342,9 @@ class AdapterTrainTask(TrainTask):
             "settings": asdict(settings),
             "started_from": served.name,
         }
+        from ..serving.decoder_runtime import export_ahead
+
+        export_ahead(model, self.segmenter.profile.inference.decoder_runtime)  # the new version's decoder graph
         version = publish_adapters(model, directory, metrics)
         out["published_version"] = version
         notes.append(f"published adapters v{version}")
