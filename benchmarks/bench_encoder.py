@@ -158,6 +158,30 @@ def int8_variants(model: AdaptedSam, cache_dir: Path | None) -> dict:
     return variants
 
 
+def batch_costs(model: AdaptedSam, x: torch.Tensor, batches: list[int], repeats: int) -> dict[int, float]:
+    """Median ms per slice of the OpenVINO fp32 encoder exported for a fixed batch of slices (what
+    encode-ahead in 3D propagation would run), the batch sizes interleaved."""
+    import warnings
+
+    openvino = runtimes._openvino()
+    requests = {}
+    for b in batches:
+        example = x.expand(b, *x.shape[1:]).contiguous()
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore", torch.jit.TracerWarning)
+            graph = openvino.convert_model(runtimes._EncodeModule(model).eval(), example_input=example,
+                                           input=[tuple(example.shape)])
+        requests[b] = (runtimes.compile_openvino(graph, "fp32"), example)
+        requests[b][0]._request.infer({0: example.numpy()})  # warm-up (the whole batch in one call)
+    times: dict[int, list[float]] = {b: [] for b in batches}
+    for _ in range(repeats):
+        for b, (encode, example) in requests.items():
+            start = time.perf_counter()
+            encode._request.infer({0: example.numpy()})
+            times[b].append((time.perf_counter() - start) * 1e3 / b)
+    return {b: round(statistics.median(t), 1) for b, t in times.items()}
+
+
 def peak_rss_of(runtime: str, cache_dir: Path | None) -> float:
     """Peak RSS (MB) of a fresh process that loads the model, builds ``runtime`` and encodes 3 times."""
     code = (
@@ -180,6 +204,7 @@ def main() -> None:
     parser.add_argument("--torch-options", action="store_true", help="also time channels-last, compile, int8")
     parser.add_argument("--int8", action="store_true", help="also OpenVINO int8 via NNCF (pip install nncf)")
     parser.add_argument("--no-memory", action="store_true", help="skip the per-runtime peak-RSS processes")
+    parser.add_argument("--batches", default="", help="e.g. 1,2,3: also OpenVINO fp32 ms per slice at these batches")
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
     names = [n.strip() for n in args.runtimes.split(",") if n.strip()]
@@ -274,8 +299,13 @@ def main() -> None:
             f"{r.get('peak_rss_mb', '-')!s:>7s} {r.get('build_s', '-')!s:>8s}  {r.get('how', '')}"
         )
     print("raw ms:", json.dumps({n: [round(t) for t in ts] for n, ts in times.items()}))
+    batched = {}
+    if args.batches and runtimes.openvino_version() is not None:
+        batched = batch_costs(model, x, [int(b) for b in args.batches.split(",")], args.repeats)
+        print("openvino fp32 ms per slice by batch:", json.dumps(batched))
     if args.json:
-        args.json.write_text(json.dumps({"rows": rows, "times_ms": times, "slices": [s[4] for s in slices]}, indent=1))
+        out = {"rows": rows, "times_ms": times, "slices": [s[4] for s in slices], "batch_ms_per_slice": batched}
+        args.json.write_text(json.dumps(out, indent=1))
 
 
 if __name__ == "__main__":
