@@ -158,6 +158,53 @@ def int8_variants(model: AdaptedSam, cache_dir: Path | None) -> dict:
     return variants
 
 
+def validation_slices() -> list[tuple]:
+    """Labelled slices at a third and two thirds of each structure's extent (the mask check uses the middle
+    ones): the data int8 accuracy control may look at."""
+    pre = load_profile(PROFILE).preprocessing
+    out = []
+    for case in load_dataset(SAMPLE, SAMPLE / "reference"):
+        view = SliceView.from_affine(case.image.affine, 2)
+        window = choose_window(case.image.array, pre)
+        names = case.structures()
+        sizes = {v: int((case.label.array == v).sum()) for v in names}
+        for value in sorted(sizes, key=sizes.get, reverse=True)[:2]:
+            ks = [k for k in range(case.image.shape[2]) if (case.label.array[:, :, k] == value).any()]
+            for k in {ks[len(ks) // 3], ks[2 * len(ks) // 3]}:
+                gt = view.slice(case.label.array, k) == value
+                out.append((view.slice(case.image.array, k), window, view.spacing, gt, f"{case.case_id}/{k}"))
+    return out
+
+
+def int8_accuracy_variant(model: AdaptedSam, cache_dir: Path | None, max_drop: float) -> dict:
+    """NNCF int8 with accuracy control: quantised layers are put back to fp32, most harmful first, until
+    the mean mask Dice against fp32 masks on :func:`validation_slices` drops by at most ``max_drop``."""
+    import nncf
+
+    ov_model = runtimes.ExportedEncoder(model, cache_dir or runtimes.default_cache_dir()).read()
+    slices = validation_slices()
+    inputs = model_inputs(model, slices)
+    reference = [session_masks(model, None, [s]) for s in slices]
+
+    def validation_fn(compiled, items) -> tuple[float, list[float]]:
+        def encode(x: torch.Tensor) -> torch.Tensor:
+            return torch.from_numpy(np.asarray(compiled(x.numpy())[0]).copy())
+
+        per = []
+        for i in items:
+            masks = session_masks(model, encode, [slices[i]])
+            per.append(float(np.mean([dice(a, b) for a, b in zip(masks, reference[i], strict=True)])))
+        return float(np.mean(per)), per
+
+    quantized = nncf.quantize_with_accuracy_control(
+        ov_model.clone(), nncf.Dataset(calibration_inputs(model)),
+        nncf.Dataset(list(range(len(slices))), lambda i: inputs[i].numpy()), validation_fn,
+        max_drop=max_drop, drop_type=nncf.DropType.ABSOLUTE, model_type=nncf.ModelType.TRANSFORMER,
+        preset=nncf.QuantizationPreset.MIXED, subset_size=36,
+    )
+    return {f"openvino int8 (accuracy control {max_drop})": runtimes.compile_openvino(quantized, "fp32")}
+
+
 def batch_costs(model: AdaptedSam, x: torch.Tensor, batches: list[int], repeats: int) -> dict[int, float]:
     """Median ms per slice of the OpenVINO fp32 encoder exported for a fixed batch of slices (what
     encode-ahead in 3D propagation would run), the batch sizes interleaved."""
@@ -204,6 +251,8 @@ def main() -> None:
     parser.add_argument("--torch-options", action="store_true", help="also time channels-last, compile, int8")
     parser.add_argument("--int8", action="store_true", help="also OpenVINO int8 via NNCF (pip install nncf)")
     parser.add_argument("--no-memory", action="store_true", help="skip the per-runtime peak-RSS processes")
+    parser.add_argument("--int8-accuracy", type=float, default=0.0,
+                        help="also NNCF int8 with accuracy control at this largest mask-Dice drop (e.g. 0.003)")
     parser.add_argument("--batches", default="", help="e.g. 1,2,3: also OpenVINO fp32 ms per slice at these batches")
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
@@ -237,6 +286,11 @@ def main() -> None:
         quantized = int8_variants(model, cache_dir)
         each_s = round((time.perf_counter() - start) / len(quantized), 1)
         build.update({name: {"build_s": each_s, "how": "quantized"} for name in quantized})
+    if args.int8_accuracy > 0:
+        start = time.perf_counter()
+        controlled = int8_accuracy_variant(model, cache_dir, args.int8_accuracy)
+        build.update({n: {"build_s": round(time.perf_counter() - start, 1), "how": "quantized"} for n in controlled})
+        quantized.update(controlled)
     checked = {**encoders, **quantized}  # runtimes whose masks are compared with fp32's
     timed = {**checked, **variants}
 
