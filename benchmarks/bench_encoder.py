@@ -61,8 +61,9 @@ def served_model() -> AdaptedSam:
     return model.eval()
 
 
-def scan_slices() -> list[tuple]:
-    """(image, window, spacing, ground truth, name): middle labelled slice of the two largest structures."""
+def structure_slices(positions: tuple[tuple[int, int], ...]) -> list[tuple]:
+    """(image, window, spacing, ground truth, name) of the two largest structures of every shipped scan, at
+    each ``(num, den)`` position of the structure's labelled slice range (slice ``ks[num * len(ks) // den]``)."""
     pre = load_profile(PROFILE).preprocessing
     out = []
     for case in load_dataset(SAMPLE, SAMPLE / "reference"):
@@ -72,10 +73,16 @@ def scan_slices() -> list[tuple]:
         sizes = {v: int((case.label.array == v).sum()) for v in names}
         for value in sorted(sizes, key=sizes.get, reverse=True)[:2]:
             ks = [k for k in range(case.image.shape[2]) if (case.label.array[:, :, k] == value).any()]
-            k = ks[len(ks) // 2]
-            gt = view.slice(case.label.array, k) == value
-            out.append((view.slice(case.image.array, k), window, view.spacing, gt, f"{case.case_id}/{names[value]}"))
+            for k in dict.fromkeys(ks[num * len(ks) // den] for num, den in positions):
+                gt = view.slice(case.label.array, k) == value
+                name = f"{case.case_id}/{names[value]}"
+                out.append((view.slice(case.image.array, k), window, view.spacing, gt, name))
     return out
+
+
+def scan_slices() -> list[tuple]:
+    """The middle labelled slice of the two largest structures (the slices masks are checked on)."""
+    return structure_slices(((1, 2),))
 
 
 def model_inputs(model: AdaptedSam, slices: list[tuple]) -> list[torch.Tensor]:
@@ -161,19 +168,7 @@ def int8_variants(model: AdaptedSam, cache_dir: Path | None) -> dict:
 def validation_slices() -> list[tuple]:
     """Labelled slices at a third and two thirds of each structure's extent (the mask check uses the middle
     ones): the data int8 accuracy control may look at."""
-    pre = load_profile(PROFILE).preprocessing
-    out = []
-    for case in load_dataset(SAMPLE, SAMPLE / "reference"):
-        view = SliceView.from_affine(case.image.affine, 2)
-        window = choose_window(case.image.array, pre)
-        names = case.structures()
-        sizes = {v: int((case.label.array == v).sum()) for v in names}
-        for value in sorted(sizes, key=sizes.get, reverse=True)[:2]:
-            ks = [k for k in range(case.image.shape[2]) if (case.label.array[:, :, k] == value).any()]
-            for k in {ks[len(ks) // 3], ks[2 * len(ks) // 3]}:
-                gt = view.slice(case.label.array, k) == value
-                out.append((view.slice(case.image.array, k), window, view.spacing, gt, f"{case.case_id}/{k}"))
-    return out
+    return structure_slices(((1, 3), (2, 3)))
 
 
 def int8_accuracy_variant(model: AdaptedSam, cache_dir: Path | None, max_drop: float) -> dict:

@@ -152,9 +152,7 @@ class AdaptedSam(nn.Module):
         points: (coords (B, N, 2) as x, y in the model frame, labels (B, N) with 1 = fg, 0 = bg);
         boxes: (B, 4) as x0, y0, x1, y1 in the model frame; mask_logits: (B, 1, h, w) low-res logits.
         """
-        sparse, dense = self.prompt_encoder(
-            points=points, boxes=boxes[:, None, :] if boxes is not None else None, masks=mask_logits
-        )
+        sparse, dense = self.encode_prompts(points, boxes, mask_logits)
         low_res, iou = self.mask_decoder(
             image_embeddings=embedding,
             image_pe=self.prompt_encoder.get_dense_pe(),
@@ -163,6 +161,14 @@ class AdaptedSam(nn.Module):
             multimask_output=multimask,
         )
         return Decoded(low_res, iou)
+
+    def encode_prompts(
+        self, points: tuple[Tensor, Tensor] | None, boxes: Tensor | None, mask_logits: Tensor | None
+    ) -> tuple[Tensor, Tensor]:
+        """The prompt encoder's (sparse, dense) embeddings of :meth:`decode`'s prompts."""
+        return self.prompt_encoder(
+            points=points, boxes=boxes[:, None, :] if boxes is not None else None, masks=mask_logits
+        )
 
     def auto_segment(self, embedding: Tensor) -> Tensor:
         """Prompt-free multi-class logits (B, 1 + labels, h, w) in the low-res frame."""

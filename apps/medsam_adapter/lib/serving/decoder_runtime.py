@@ -103,9 +103,7 @@ class ExportedDecoder(ExportedGraph):
 
     def convert(self, openvino):
         embedding, prompts = probe_prompts(self.model)[0]
-        sparse, dense = self.model.prompt_encoder(
-            points=prompts["points"], boxes=None, masks=prompts["mask_logits"]
-        )
+        sparse, dense = self.model.encode_prompts(prompts["points"], None, prompts["mask_logits"])
         example = (embedding, self.model.prompt_encoder.get_dense_pe(), sparse, dense)
         shapes = [openvino.PartialShape(s) for s in self.input_spec()]
         return openvino.convert_model(_DecodeModule(self.model).eval(), example_input=example, input=shapes)
@@ -152,7 +150,7 @@ def export_ahead(model: AdaptedSam, runtime: str = "auto", cache_dir: Path | Non
 
 class RuntimeDecoder:
     """``AdaptedSam.decode`` for a served model version, through its OpenVINO graph (built and checked at
-    first use, or ahead by :meth:`start`), through torch for what the graph does not cover or when it
+    first use, or ahead by :meth:`prepare`), through torch for what the graph does not cover or when it
     cannot be built. The model's decoder must not change afterwards (served model versions are immutable)."""
 
     def __init__(self, model: AdaptedSam, runtime: str = "auto", cache_dir: Path | None = None) -> None:
@@ -161,7 +159,6 @@ class RuntimeDecoder:
         self.cache_dir = cache_dir
         self._graph: OpenVinoDecoder | None = None
         self._done = False  # built, failed or not wanted: decided once
-        self._started = False
         self._lock = threading.Lock()
         self.failure: str | None = None
         self.build_s: float | None = None
@@ -193,13 +190,6 @@ class RuntimeDecoder:
         self.graph()
         return self.name
 
-    def start(self) -> None:
-        """Build the graph in a background thread (once); prompts arriving before it is ready wait for it."""
-        if self._started or self._done or not self.wanted:
-            return
-        self._started = True
-        threading.Thread(target=self.graph, name="decoder-export", daemon=True).start()
-
     def _build(self) -> None:
         if not self.wanted:
             return
@@ -223,9 +213,7 @@ class RuntimeDecoder:
                     self.model.backbone_name, error, self.build_s)
 
     def _run(self, graph: OpenVinoDecoder, embedding: Tensor, points=None, boxes=None, mask_logits=None) -> Decoded:
-        sparse, dense = self.model.prompt_encoder(
-            points=points, boxes=boxes[:, None, :] if boxes is not None else None, masks=mask_logits
-        )
+        sparse, dense = self.model.encode_prompts(points, boxes, mask_logits)
         if self._image_pe is None:
             self._image_pe = self.model.prompt_encoder.get_dense_pe().detach().to("cpu", torch.float32).contiguous()
         low_res, iou = graph(embedding, self._image_pe, sparse, dense)
