@@ -3,8 +3,10 @@
     nice -n 10 .venv/bin/python benchmarks/bench_designs.py                      # the full table (slow)
     nice -n 10 .venv/bin/python benchmarks/bench_designs.py --datasets hippocampus --volumes 1 \\
         --epochs 1 --steps 4 --slices 4 --val-cases 2                            # a small configuration
+    python3 benchmarks/bench_designs.py --jobs 8 --data DIR --out designs.json     # on a GPU machine
+    .venv/bin/python benchmarks/bench_designs.py --step-cost --designs msa,depth    # one step, checkpointing off/on
 
-For each design (``msa``, ``samus``; with the default ``decoder`` head) and each prompt-free head
+For each design (``msa``, ``samus``, ``depth``; with the default ``decoder`` head) and each prompt-free head
 (``decoder``, ``unet``, ``linear``; with the ``msa`` design), and for 1 and 4 labelled training volumes
 (AutoSAM's label-efficiency question), one training round of LiteMedSAM from fresh adapters with the
 product's trainer and simulated annotator, then on held-back validation volumes: box Dice, Dice after
@@ -17,18 +19,21 @@ Data (read in place, never copied): BraTS 2015 FLAIR whole tumour (``mr_brats201
 anterior + posterior). ``--encoder-adapters`` (default on) trains the encoder-side parts too: without it
 every design trains the same decoder-side parts on the same cached embeddings (the CPU default), so
 the designs cannot differ. 3D propagation from one box is not measured here (see scripts/evaluate.py).
-Numbers taken on a shared CPU are noisy: rerun on a quiet machine for the README table.
+Numbers taken on a shared CPU are noisy: rerun on a quiet machine for the README table. ``--jobs N`` runs N
+rounds at once (each in its own process; on a GPU the CUDA peak is per process, the times overlap).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import subprocess
 import sys
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from pathlib import Path
 
@@ -45,26 +50,28 @@ from lib.core.model import AdaptedSam  # noqa: E402
 from lib.core.training import AdapterTrainer, LabelledVolume, TrainSettings, prepare_samples  # noqa: E402
 
 DATA = ROOT.parent / "shared" / "data"
-DESIGNS = ("msa", "samus")
+DESIGNS = ("msa", "samus", "depth")
 HEADS = ("decoder", "unet", "linear")
 
 
-def brats(split: str, tmp: Path) -> list[LabelledVolume]:
+def brats(data: Path, split: str, tmp: Path) -> list[LabelledVolume]:
     out = []
-    for case in sorted((DATA / "mr_brats2015").glob(f"{split}_*")):
+    for case in sorted((data / "mr_brats2015").glob(f"{split}_*")):
         img = nib.load(str(case / "label.nii.gz"))
         path = tmp / f"{case.name}_wt.nii.gz"
-        if not path.exists():
-            nib.save(nib.Nifti1Image((np.asarray(img.dataobj) > 0).astype(np.uint8), img.affine), str(path))
+        if not path.exists():  # written then renamed: rounds run at once may race for it
+            part = tmp / f"{case.name}_wt.{os.getpid()}.nii.gz"
+            nib.save(nib.Nifti1Image((np.asarray(img.dataobj) > 0).astype(np.uint8), img.affine), str(part))
+            os.replace(part, path)
         out.append(LabelledVolume(case / "flair.nii.gz", path, {1: "tumour"}, case.name))
     return out
 
 
-def hippocampus(split: str, tmp: Path) -> list[LabelledVolume]:
+def hippocampus(data: Path, split: str, tmp: Path) -> list[LabelledVolume]:
     names = {1: "hippocampus_anterior", 2: "hippocampus_posterior"}
     return [
         LabelledVolume(c / "image.nii.gz", c / "label.nii.gz", names, c.name)
-        for c in sorted((DATA / "mr_hippocampus_msd").glob(f"{split}_hippocampus_*"))
+        for c in sorted((data / "mr_hippocampus_msd").glob(f"{split}_hippocampus_*"))
     ]
 
 
@@ -79,8 +86,8 @@ def one_round(args: argparse.Namespace) -> dict:
     tmp = Path(tempfile.gettempdir()) / "bench_designs"
     tmp.mkdir(exist_ok=True)
     load, labels = DATASETS[args.dataset]
-    train_vols = load("train", tmp)[: args.n]
-    val_vols = load("validation", tmp)[: args.val_cases]
+    train_vols = load(args.data, "train", tmp)[: args.n]
+    val_vols = load(args.data, "validation", tmp)[: args.val_cases]
     base = load_profile(APP / "configs" / "lite_medsam.toml")
     profile = replace(base, labels=labels, adapters=replace(base.adapters, design=args.design, head=args.head))
     model = AdaptedSam.from_profile(profile).to(device)
@@ -98,8 +105,8 @@ def one_round(args: argparse.Namespace) -> dict:
     val_settings = replace(settings, train_encoder_adapters=False)
     prepared = time.time() - start
     trainer = AdapterTrainer(model, settings, device)
-    result = trainer.fit(train, [], feed_logits_before=False)
-    if result.best_state is not None:
+    result = trainer.fit(train, [], feed_logits_before=False) if args.epochs > 0 else None  # 0: the base model
+    if result is not None and result.best_state is not None:
         with torch.no_grad():
             own = dict(model.named_parameters())
             for name, tensor in result.best_state.items():
@@ -119,9 +126,32 @@ def one_round(args: argparse.Namespace) -> dict:
         "embedding_seconds": round(prepared, 1), "round_seconds": round(round_seconds, 1),
         "peak_memory_mb": round(peak, 1), "peak_memory_kind": "cuda" if device.type == "cuda" else "rss",
         "box_dice": metrics["box_dice"], "click1_dice": metrics["click1_dice"], "click3_dice": metrics["click3_dice"],
-        "auto_dice": metrics.get("auto_dice"), "epochs": result.epochs_run, "steps_per_epoch": args.steps,
+        "auto_dice": metrics.get("auto_dice"), "epochs": result.epochs_run if result else 0,
+        "steps_per_epoch": args.steps,
         "encoder_adapters_trained": args.encoder_adapters, "threads": torch.get_num_threads(),
     }
+
+
+def step_cost(args: argparse.Namespace) -> dict:
+    """One encoder-adapter training step (forward + backward of a batch of random inputs) in this process:
+    seconds and peak memory, with activation checkpointing as ``args.checkpointing`` says."""
+    from lib.core.adapters import set_checkpointing
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    base = load_profile(APP / "configs" / "lite_medsam.toml")
+    model = AdaptedSam.from_profile(replace(base, adapters=replace(base.adapters, design=args.design))).to(device)
+    model.freeze_all_but(["encoder_adapters"])
+    set_checkpointing(model.image_encoder, args.checkpointing == "on")
+    shape = (args.batch, model.depth_slices, 3, model.img_size, model.img_size)
+    x = torch.rand(shape, generator=torch.Generator().manual_seed(0)).to(device)
+    start = time.time()
+    model.encode(x).square().mean().backward()
+    seconds = time.time() - start
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    if device.type == "cuda":
+        peak = torch.cuda.max_memory_allocated() / 2**20
+    return {"design": args.design, "batch": args.batch, "checkpointing": args.checkpointing,
+            "step_seconds": round(seconds, 1), "peak_memory_mb": round(peak, 1), "threads": torch.get_num_threads()}
 
 
 def configurations(designs: list[str], heads: list[str]) -> list[tuple[str, str]]:
@@ -137,7 +167,7 @@ def main() -> None:
     parser.add_argument("--designs", default=",".join(DESIGNS))
     parser.add_argument("--heads", default=",".join(HEADS))
     parser.add_argument("--volumes", default="1,4", help="labelled training volumes per round")
-    parser.add_argument("--epochs", type=int, default=5)
+    parser.add_argument("--epochs", type=int, default=5, help="0: no round (the untrained design, for reference)")
     parser.add_argument("--steps", type=int, default=30, help="steps per epoch")
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--lr", type=float, default=1e-4)
@@ -146,35 +176,66 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--encoder-adapters", action=argparse.BooleanOptionalAction, default=True)
     parser.add_argument("--out", type=Path, default=None, help="write every result as JSON here")
+    parser.add_argument("--data", type=Path, default=DATA, help="the shared data folder (default ../shared/data)")
+    parser.add_argument("--jobs", type=int, default=1,
+                        help="rounds run at once (on a GPU; each still in its own process, times then overlap)")
+    parser.add_argument("--step-cost", action="store_true",
+                        help="only time one encoder training step per design, activation checkpointing off and on")
     # internal: run one configuration and print its JSON
     parser.add_argument("--one", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--dataset", help=argparse.SUPPRESS)
     parser.add_argument("--design", default="msa", help=argparse.SUPPRESS)
     parser.add_argument("--head", default="decoder", help=argparse.SUPPRESS)
     parser.add_argument("--n", type=int, default=1, help=argparse.SUPPRESS)
+    parser.add_argument("--one-step", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--checkpointing", default="off", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.one:
         print("RESULT " + json.dumps(one_round(args)), flush=True)
         return
-    if not DATA.is_dir():
-        sys.exit(f"{DATA} not found")
-    results = []
+    if args.step_cost:  # one training step per design, checkpointing off and on, each in its own process
+        for design in args.designs.split(","):
+            for mode in ("off", "on"):
+                cmd = [sys.executable, __file__, "--one-step", "--design", design, "--checkpointing", mode,
+                       "--batch", str(args.batch)]
+                out = subprocess.run(cmd, capture_output=True, text=True).stdout
+                print(next((x[len("RESULT "):] for x in out.splitlines() if x.startswith("RESULT ")), "failed"),
+                      flush=True)
+        return
+    if args.one_step:
+        print("RESULT " + json.dumps(step_cost(args)), flush=True)
+        return
+    if not args.data.is_dir():
+        sys.exit(f"{args.data} not found")
     common = ["--epochs", str(args.epochs), "--steps", str(args.steps), "--batch", str(args.batch), "--lr",
               str(args.lr), "--slices", str(args.slices), "--val-cases", str(args.val_cases), "--seed", str(args.seed),
               "--encoder-adapters" if args.encoder_adapters else "--no-encoder-adapters"]
-    for dataset in args.datasets.split(","):
-        for n in (int(v) for v in args.volumes.split(",")):
-            for design, head in configurations(args.designs.split(","), args.heads.split(",")):
-                cmd = [sys.executable, __file__, "--one", "--dataset", dataset, "--design", design, "--head", head,
-                       "--n", str(n), *common]
-                proc = subprocess.run(cmd, capture_output=True, text=True)
-                line = next((x for x in proc.stdout.splitlines() if x.startswith("RESULT ")), None)
-                if line is None:
-                    print(f"{dataset} n={n} {design}/{head}: failed\n{proc.stderr[-2000:]}", flush=True)
-                    continue
-                res = json.loads(line[len("RESULT "):])
-                results.append(res)
-                print(json.dumps(res), flush=True)
+    runs = [(dataset, n, design, head) for dataset in args.datasets.split(",")
+            for n in (int(v) for v in args.volumes.split(","))
+            for design, head in configurations(args.designs.split(","), args.heads.split(","))]
+    results: list[dict] = []
+
+    def run(config: tuple[str, int, str, str]) -> None:
+        dataset, n, design, head = config
+        cmd = [sys.executable, __file__, "--one", "--dataset", dataset, "--design", design, "--head", head,
+               "--n", str(n), "--data", str(args.data), *common]
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        line = next((x for x in proc.stdout.splitlines() if x.startswith("RESULT ")), None)
+        if line is None:
+            print(f"{dataset} n={n} {design}/{head}: failed\n{proc.stderr[-2000:]}", flush=True)
+            return
+        res = json.loads(line[len("RESULT "):])
+        res["concurrent_rounds"] = args.jobs
+        results.append(res)
+        print(json.dumps(res), flush=True)
+        if args.out:  # rewritten after every round, so a run cut short keeps what it finished
+            args.out.parent.mkdir(parents=True, exist_ok=True)
+            args.out.write_text(json.dumps({"argv": sys.argv[1:], "results": results}, indent=2) + "\n")
+
+    with ThreadPoolExecutor(args.jobs) as pool:
+        list(pool.map(run, runs))
+    results.sort(key=lambda r: runs.index((r["dataset"], r["volumes"], r["design"], r["head"]))
+                 if (r["dataset"], r["volumes"], r["design"], r["head"]) in runs else 0)
     print("\n| dataset | volumes | design | head | trainable | round s | peak MB | box | 1 click | 3 clicks | auto |")
     print("|---|---|---|---|---|---|---|---|---|---|---|")
     for r in results:
@@ -182,9 +243,6 @@ def main() -> None:
         print(f"| {r['dataset']} | {r['volumes']} | {r['design']} | {r['head']} | {r['trainable_parameters']:,} | "
               f"{r['round_seconds']:.0f} | {r['peak_memory_mb']:.0f} | {r['box_dice']:.3f} | {r['click1_dice']:.3f} | "
               f"{r['click3_dice']:.3f} | {auto} |")
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps({"argv": sys.argv[1:], "results": results}, indent=2) + "\n")
 
 
 if __name__ == "__main__":

@@ -8,9 +8,32 @@ so a freshly adapted model computes exactly what the base model computes.
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
 from .config import AdapterSettings
+
+
+class Wrapped(nn.Module):
+    """A wrapper around a backbone sub-module (``inner``). With ``checkpointed`` set (training the encoder's
+    adapters with less memory: :func:`set_checkpointing`) its activations are recomputed in the backward
+    pass instead of kept; the result is the same."""
+
+    checkpointed = False
+
+    def __call__(self, *args: Tensor, **kwargs: Tensor) -> Tensor:
+        if self.checkpointed and torch.is_grad_enabled():
+            return checkpoint(super().__call__, *args, use_reentrant=False, **kwargs)
+        return super().__call__(*args, **kwargs)
+
+
+def set_checkpointing(module: nn.Module, on: bool) -> int:
+    """Turn activation checkpointing of every :class:`Wrapped` inside ``module`` on or off; returns how many."""
+    wrapped = [m for m in module.modules() if isinstance(m, Wrapped)]
+    for m in wrapped:
+        m.checkpointed = on
+    return len(wrapped)
 
 
 class BottleneckAdapter(nn.Module):
@@ -29,7 +52,7 @@ class BottleneckAdapter(nn.Module):
         return self.up(self.act(self.down(x)))
 
 
-class SerialAdapter(nn.Module):
+class SerialAdapter(Wrapped):
     """``y = f(...); y + adapter(y)`` — an adapter on the output of ``f``."""
 
     def __init__(self, inner: nn.Module, dim: int, ratio: float) -> None:
@@ -42,7 +65,7 @@ class SerialAdapter(nn.Module):
         return y + self.adapter(y)
 
 
-class ParallelAdapter(nn.Module):
+class ParallelAdapter(Wrapped):
     """``f(x) + scale * adapter(x)`` — an adapter beside ``f``."""
 
     def __init__(self, inner: nn.Module, dim: int, ratio: float, scale: float) -> None:

@@ -22,8 +22,9 @@ INTENSITY_MODES = ("auto", "ct", "percentile", "minmax")
 ENCODER_RUNTIMES = ("auto", "torch", "torch_bf16", "torch_fp16", "openvino_fp32", "openvino_bf16")
 # mask-decoder runtimes (lib/serving/decoder_runtime.py); auto: OpenVINO fp32 on a CPU where installed
 DECODER_RUNTIMES = ("auto", "torch", "openvino_fp32")
-# adapter designs (lib/core/adapters.py): msa = Medical SAM Adapter (default), samus = SAMUS's encoder parts
-ADAPTER_DESIGNS = ("msa", "samus")
+# adapter designs (lib/core/adapters.py): msa = Medical SAM Adapter (default), samus = SAMUS's encoder parts,
+# depth = 3DSAM-adapter style (each slice encoded with its neighbours, lib/core/depth.py)
+ADAPTER_DESIGNS = ("msa", "samus", "depth")
 HEADS = ("decoder", "unet", "linear")  # AutoSAM's prompt-free heads (lib/core/heads.py)
 DESIGN_OPTIONS = {"adapter_design": ADAPTER_DESIGNS, "head": HEADS}  # train request options
 

@@ -295,7 +295,8 @@ class InteractiveSegmenter:
         if win is None:
             return False
         view = SliceView.from_affine(volume.affine, axis)
-        return self.predictor(loaded).is_embedded(view.slice(volume.array, k), win, view.spacing)
+        stack = view.stack(volume.array, k, loaded.model.depth_slices)
+        return self.predictor(loaded).is_embedded(stack, win, view.spacing)
 
     def prefetch(self, path: str | Path, k: int, window: str | None = None, axis: int = 2) -> bool:
         """Put slice ``k``'s embedding into the cache (as a prompt on it would); True when it was encoded
@@ -304,8 +305,9 @@ class InteractiveSegmenter:
         if not 0 <= k < volume.shape[axis]:
             return False
         view = SliceView.from_affine(volume.affine, axis)
-        _, _, cached, _ = self.predictor(self.current()).embed(
-            view.slice(volume.array, k), self.window(volume, window), view.spacing
+        loaded = self.current()
+        _, _, cached, _ = self.predictor(loaded).embed(
+            view.stack(volume.array, k, loaded.model.depth_slices), self.window(volume, window), view.spacing
         )
         return not cached
 
@@ -357,7 +359,7 @@ class InteractiveSegmenter:
         key = None if state_key is None else (*state_key, axis, k)
         feed = key and self.feeds_logits(loaded) and not box_alone
         previous = self.clients.get(key, loaded.name) if feed else None
-        image_k = view.slice(volume.array, k)
+        image_k = view.stack(volume.array, k, predictor.model.depth_slices)  # k-1..k+1 for `depth`
         first = predictor.predict(image_k, win, view.spacing, rc, labels if len(points) else None, box, previous)
         if key is not None:
             self.clients.put(key, loaded.name, first.low_res_logits)
@@ -376,7 +378,8 @@ class InteractiveSegmenter:
 
             def predict(j: int, box_rc: tuple[int, int, int, int], logits: Tensor | None) -> SliceResult:
                 return propagator.predict(
-                    view.slice(volume.array, j), win, view.spacing, box_rc=box_rc, mask_logits=logits
+                    view.stack(volume.array, j, propagator.model.depth_slices), win, view.spacing,
+                    box_rc=box_rc, mask_logits=logits,
                 )
 
             results = propagate_box(
@@ -424,9 +427,10 @@ class InteractiveSegmenter:
         win = self.window(volume, window)
         label = np.zeros(volume.shape, dtype=np.uint8, order="F")  # the order label files store
         index = [slice(None)] * 3
+        depth = loaded.model.depth_slices
         for k in range(volume.shape[axis]):
             index[axis] = k
-            labels_k, _ = predictor.predict_auto(view.slice(volume.array, k), win, view.spacing)
+            labels_k, _ = predictor.predict_auto(view.stack(volume.array, k, depth), win, view.spacing)
             label[tuple(index)] = view.from_display(labels_k)
         return SegmentationOutput(
             label,
@@ -451,7 +455,8 @@ class InteractiveSegmenter:
         picks = np.unique(np.linspace(0, volume.shape[axis] - 1, slices).round().astype(int))
         values = []
         for k in picks:
-            probs = predictor.auto_probabilities(view.slice(volume.array, int(k)), win, view.spacing)
+            stack = view.stack(volume.array, int(k), loaded.model.depth_slices)
+            probs = predictor.auto_probabilities(stack, win, view.spacing)
             entropy = -(probs * torch.log(probs.clamp_min(1e-8))).sum(0) / np.log(probs.shape[0])
             values.append(float(entropy.mean()))
         return {"score": float(np.mean(values)), "model_version": loaded.name, "slices": [int(k) for k in picks]}

@@ -10,6 +10,7 @@ from torch import Tensor, nn
 from .adapters import add_decoder_adapters, add_encoder_adapters
 from .backbones import Backbone, build_backbone
 from .config import TRAINABLE_PARTS, AdapterSettings, ModelProfile
+from .depth import DEPTH_SLICES, add_depth_encoder_adapters, encode_stack
 from .heads import build_head
 
 
@@ -78,7 +79,10 @@ class AdaptedSam(nn.Module):
         # identical fresh adapters and head, so runs are reproducible
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(0)
-            if adapters.encoder:
+            self.depth = adapters.encoder and adapters.design == "depth"  # slices encoded with neighbours
+            if self.depth:
+                add_depth_encoder_adapters(self.image_encoder, adapters)
+            elif adapters.encoder:
                 add_encoder_adapters(self.image_encoder, adapters)
             if adapters.decoder:
                 add_decoder_adapters(self.mask_decoder, adapters)
@@ -133,10 +137,22 @@ class AdaptedSam(nn.Module):
     def device(self) -> torch.device:
         return next(self.mask_decoder.parameters()).device
 
+    @property
+    def depth_slices(self) -> int:
+        """Slices each embedding is encoded from: 3 (k-1, k, k+1) for the ``depth`` design, else 1."""
+        return DEPTH_SLICES if self.depth else 1
+
     def encode(self, image01: Tensor) -> Tensor:
-        """Image embedding for a batch of [0, 1] RGB images (B, 3, S, S)."""
+        """Image embedding for a batch of [0, 1] RGB images (B, 3, S, S), or of slice stacks
+        (B, D, 3, S, S) whose middle slice is embedded (with its neighbours' context when the design
+        is ``depth``, which encodes a single slice as a stack of copies; other designs encode the middle
+        slice alone)."""
         if self.normalize_pixels:
             image01 = (image01 * 255.0 - self.pixel_mean) / self.pixel_std
+        if self.depth:
+            return encode_stack(self.image_encoder, image01)
+        if image01.dim() == 5:
+            return self.image_encoder(image01[:, image01.shape[1] // 2])
         return self.image_encoder(image01)
 
     def decode(

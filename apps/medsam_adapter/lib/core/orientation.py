@@ -79,6 +79,14 @@ class SliceView:
         index[self.axis] = k
         return self.to_display(volume[tuple(index)])  # a view: np.take would copy the strided slice
 
+    def stack(self, volume: np.ndarray, k: int, depth: int = 1) -> np.ndarray:
+        """Slice ``k`` (depth 1), or slices ``k - depth // 2 .. k + depth // 2`` as a (depth, rows, cols)
+        stack, the end slices repeated past the volume's ends (what the ``depth`` design encodes)."""
+        if depth <= 1:
+            return self.slice(volume, k)
+        last = volume.shape[self.axis] - 1
+        return np.stack([self.slice(volume, min(max(j, 0), last)) for j in range(k - depth // 2, k + depth // 2 + 1)])
+
     def voxel_to_display(self, ijk: np.ndarray, volume_shape: tuple[int, ...]) -> np.ndarray:
         """(N, 3) voxel indices -> (N, 2) display (row, col) indices on their slice."""
         ijk = np.asarray(ijk).reshape(-1, 3)

@@ -14,7 +14,7 @@ from .cache import EmbeddingCache, content_key
 from .clicks import boxes_at_scales, local_correction, pick_scale, respect_clicks
 from .config import InferenceSettings, PreprocessSettings
 from .model import AdaptedSam, Decoded, lone_click
-from .preprocess import IntensityWindow, LetterboxFrame, normalize_slice
+from .preprocess import IntensityWindow, LetterboxFrame, model_input
 
 
 @dataclass(frozen=True)
@@ -72,7 +72,8 @@ class SlicePredictor:
         self.device = torch.device(device)
 
     def frame(self, image: np.ndarray, spacing: tuple[float, float] = (1.0, 1.0)) -> LetterboxFrame:
-        return LetterboxFrame.fit(image.shape, self.model.img_size, spacing)
+        """The letterbox of a slice (rows, cols) or of a slice stack's slices (D, rows, cols)."""
+        return LetterboxFrame.fit(image.shape[-2:], self.model.img_size, spacing)
 
     def embedding_key(self, image: np.ndarray, window: IntensityWindow, frame: LetterboxFrame) -> str:
         """The embedding cache key of a raw-intensity slice (its content plus what changes the encoding)."""
@@ -88,14 +89,15 @@ class SlicePredictor:
     def embed(
         self, image: np.ndarray, window: IntensityWindow, spacing: tuple[float, float] = (1.0, 1.0)
     ) -> tuple[Tensor, LetterboxFrame, bool, float]:
-        """Embedding of a raw-intensity slice: (embedding, frame, was_cached, milliseconds)."""
+        """Embedding of a raw-intensity slice, or of a (D, rows, cols) stack's middle slice for a ``depth``
+        model (:meth:`SliceView.stack`): (embedding, frame, was_cached, milliseconds)."""
         frame = self.frame(image, spacing)
         key = self.embedding_key(image, window, frame)
 
         def compute() -> Tensor:
-            x = normalize_slice(image, window, self.preprocessing.per_slice_minmax)
+            x = model_input(image, window, self.preprocessing.per_slice_minmax, frame)
             with torch.inference_mode():
-                return (self.loaded.encode or self.model.encode)(frame.image_to_model(x).to(self.device))
+                return (self.loaded.encode or self.model.encode)(x.to(self.device))
 
         start = time.perf_counter()
         embedding, cached = self.cache.get_or_compute(self.loaded.encoder_fingerprint, key, compute)

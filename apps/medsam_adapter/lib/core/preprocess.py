@@ -157,3 +157,11 @@ class LetterboxFrame:
         t = F.interpolate(t, size=(sh, sw), mode="nearest-exact")
         t = F.pad(t, (0, lw - sw, 0, lh - sh))
         return t[0, 0].to(torch.int64).numpy()
+
+
+def model_input(image: np.ndarray, window: IntensityWindow, per_slice_minmax: bool, frame: LetterboxFrame) -> Tensor:
+    """A raw slice (rows, cols) -> (1, 3, S, S), or a slice stack (D, rows, cols) -> (1, D, 3, S, S),
+    each slice normalised on its own."""
+    if image.ndim == 2:
+        return frame.image_to_model(normalize_slice(image, window, per_slice_minmax))
+    return torch.stack([frame.image_to_model(normalize_slice(s, window, per_slice_minmax)) for s in image], dim=1)

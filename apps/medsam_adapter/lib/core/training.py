@@ -31,12 +31,13 @@ from monai.losses import DiceCELoss, DiceLoss
 from scipy import ndimage
 from torch import Tensor
 
+from .adapters import set_checkpointing
 from .annotator import dice, interior_point, jittered_box, largest_error_click, random_interior_point
 from .cache import EmbeddingCache, content_key
 from .config import PreprocessSettings
 from .model import AdaptedSam, Decoded, lone_click
 from .orientation import SliceView
-from .preprocess import LetterboxFrame, choose_window, normalize_slice
+from .preprocess import LetterboxFrame, choose_window, model_input
 from .served_session import LowResGeometry, ServedAnswers, low_res_to_model
 from .volume import Volume, load_volume
 
@@ -65,6 +66,9 @@ class TrainSettings:
     min_object_pixels: int = 16
     max_val_objects: int = 48
     train_encoder_adapters: bool = False
+    # recompute the encoder blocks' activations in the backward pass instead of keeping them (less memory,
+    # more time, same result): "auto" = for the depth design, whose three slices per sample triple them
+    encoder_checkpointing: str = "auto"  # auto | on | off
     train_prompt_free_head: bool = True
     multimask_single_click: bool = False  # three masks for a lone click, the best one trained (SAM)
     balance_object_sizes: bool = False  # draw objects evenly over size (log2 area) instead of uniformly
@@ -92,7 +96,7 @@ class SliceSample:
     labels: np.ndarray  # (h, w) voxel values in the low-res frame
     objects: list[np.ndarray]  # bool (h, w) masks
     head_target: np.ndarray | None  # (h, w) profile label indices, None when no known names
-    model_input: Tensor | None = None  # (1, 3, S, S), kept when the encoder trains
+    model_input: Tensor | None = None  # (1, 3, S, S) or (1, D, 3, S, S) for `depth`, kept when the encoder trains
     embedding: Tensor | None = None  # (1, C, eh, ew), cached when it does not
     geometry: LowResGeometry | None = None  # the slice's place and pixel size in the low-res frame
 
@@ -173,7 +177,8 @@ def prepare_samples(
                 head_target = np.zeros_like(lr)
                 for v, idx in known.items():
                     head_target[lr == v] = idx
-            x = frame.image_to_model(normalize_slice(raw, window, preprocessing.per_slice_minmax)).to(device)
+            encoded = view.stack(image.array, k, model.depth_slices)  # slice k, or k-1..k+1 for `depth`
+            x = model_input(encoded, window, preprocessing.per_slice_minmax, frame).to(device)
             per_model_pixel = model.img_size / low_res[0]  # model pixels per low-res pixel
             geometry = LowResGeometry(
                 frame.low_res_extent(low_res), view.spacing[0] / frame.scale_r * per_model_pixel,
@@ -185,7 +190,7 @@ def prepare_samples(
             if settings.train_encoder_adapters:
                 sample.model_input = x
             elif embeddings is not None:
-                key = content_key(raw, window.key(), preprocessing.per_slice_minmax, frame, model.backbone_name)
+                key = content_key(encoded, window.key(), preprocessing.per_slice_minmax, frame, model.backbone_name)
                 with torch.inference_mode():
                     sample.embedding = embeddings.get_or_compute(fingerprint, key, lambda x=x: model.encode(x))[0]
             else:
@@ -432,6 +437,24 @@ class AdapterTrainer:
         progress: Callable[[dict], None] | None = None,
     ) -> TrainResult:
         """Train with early stopping on the validation score; the starting model is epoch 0."""
+        s = self.settings
+        mode = s.encoder_checkpointing
+        if mode not in ("auto", "on", "off"):
+            raise TrainingDataError(f"encoder_checkpointing must be auto, on or off, got {mode!r}")
+        on = s.train_encoder_adapters and (mode == "on" or (mode == "auto" and self.model.depth))
+        set_checkpointing(self.model.image_encoder, on)
+        try:
+            return self._fit(train, val, feed_logits_before, progress)
+        finally:
+            set_checkpointing(self.model.image_encoder, False)
+
+    def _fit(
+        self,
+        train: list[SliceSample],
+        val: list[SliceSample],
+        feed_logits_before: bool,
+        progress: Callable[[dict], None] | None,
+    ) -> TrainResult:
         s = self.settings
         start = time.time()
         distributed = dist.is_available() and dist.is_initialized()

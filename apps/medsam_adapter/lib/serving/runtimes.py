@@ -171,6 +171,17 @@ def probe_image(size: int) -> Tensor:
     return image.clamp(0, 1).expand(1, 3, size, size).contiguous()
 
 
+def probe_input(model: AdaptedSam) -> Tensor:
+    """What ``model.encode`` is checked on: :func:`probe_image`, or for the ``depth`` design a stack of it
+    with shifted copies as neighbours (1, D, 3, S, S), so the depth mixing is in the check."""
+    image = probe_image(model.img_size)
+    depth = model.depth_slices
+    if depth == 1:
+        return image
+    shifts = range(-(depth // 2), depth // 2 + 1)
+    return torch.stack([torch.roll(image, 8 * s, dims=-1) for s in shifts], dim=1).to(model.device)
+
+
 def relative_error(value: Tensor, reference: Tensor) -> float:
     """||value - reference|| / ||reference|| (L2 over all elements)."""
     return float((value.float() - reference.float()).norm() / reference.float().norm().clamp_min(1e-12))
@@ -354,22 +365,22 @@ class ExportedEncoder(ExportedGraph):
         super().__init__(model, cache_dir, key or encoder_key(model))
 
     def input_spec(self) -> list:
-        return [1, 3, self.model.img_size, self.model.img_size]
+        """One slice (1, 3, S, S); for the ``depth`` design one slice stack (1, D, 3, S, S)."""
+        return list(probe_input(self.model).shape)
 
     def convert(self, openvino):
-        size = self.model.img_size
         # TinyViT's shape checks become constants in the trace: the graph has a fixed input size
-        example = probe_image(size).to(self.model.device)
+        example = probe_input(self.model).to(self.model.device)
         module = _EncodeModule(self.model).eval()
-        return openvino.convert_model(module, example_input=example, input=[(1, 3, size, size)])
+        return openvino.convert_model(module, example_input=example, input=[tuple(example.shape)])
 
     def save_extras(self, folder: Path) -> None:
         with torch.inference_mode():
-            probe = probe_image(self.model.img_size).to(self.model.device)
+            probe = probe_input(self.model).to(self.model.device)
             np.save(folder / "probe_reference.npy", self.model.encode(probe).cpu().numpy())
 
     def probe_reference(self) -> Tensor:
-        """torch fp32's embedding of :func:`probe_image`, saved at export (checked with the IR)."""
+        """torch fp32's embedding of :func:`probe_input`, saved at export (checked with the IR)."""
         return torch.from_numpy(np.load(self.folder / "probe_reference.npy"))
 
 
@@ -392,7 +403,8 @@ def prune_cache(cache_dir: Path, keep: int = KEEP_CACHED) -> list[Path]:
 
 
 class OpenVinoEncoder:
-    """Runs a compiled OpenVINO encoder on (B, 3, S, S) batches, one item at a time, thread-safe."""
+    """Runs a compiled OpenVINO encoder on (B, 3, S, S) batches (``depth``: (B, D, 3, S, S)), one item at
+    a time, thread-safe."""
 
     def __init__(self, compiled) -> None:
         self.compiled = compiled
@@ -467,7 +479,7 @@ def build_runtime(model: AdaptedSam, name: str, cache_dir: Path | None = None, k
                 raise RuntimeUnavailable(f"{name}: export/compile failed: {type(e).__name__}: {e}") from e
             exported = exported_encoder.export_s is not None
             _REFERENCES.setdefault(memo[::2], exported_encoder.probe_reference())
-        probe = probe_image(model.img_size).to(model.device)
+        probe = probe_input(model).to(model.device)
         reference = _REFERENCES.get(memo[::2])
         if reference is None:
             with torch.inference_mode():
