@@ -45,6 +45,7 @@ ROOT = Path(__file__).resolve().parents[1]
 APP = ROOT / "apps" / "medsam_adapter"
 sys.path.insert(0, str(APP))
 
+from lib.core.cache import StoredEmbeddingCache  # noqa: E402
 from lib.core.config import load_profile  # noqa: E402
 from lib.core.model import AdaptedSam  # noqa: E402
 from lib.core.training import AdapterTrainer, LabelledVolume, TrainSettings, prepare_samples  # noqa: E402
@@ -100,8 +101,12 @@ def one_round(args: argparse.Namespace) -> dict:
         max_slices_per_volume=args.slices, seed=args.seed, train_encoder_adapters=args.encoder_adapters,
         patience=args.epochs,
     )
+    # a frozen, untrained encoder gives the base model's embeddings: kept on disk across configurations
+    store = None if args.encoder_adapters or args.embedding_store is None else StoredEmbeddingCache(
+        4096, args.embedding_store)
+    fingerprint = f"{base.name}:base"  # as scripts/train_click_adapter.py and scripts/evaluate.py key them
     start = time.time()
-    train = prepare_samples(model, train_vols, profile.preprocessing, settings, device)
+    train = prepare_samples(model, train_vols, profile.preprocessing, settings, device, store, fingerprint)
     val_settings = replace(settings, train_encoder_adapters=False)
     prepared = time.time() - start
     trainer = AdapterTrainer(model, settings, device)
@@ -115,7 +120,7 @@ def one_round(args: argparse.Namespace) -> dict:
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     if device.type == "cuda":
         peak = torch.cuda.max_memory_allocated() / 2**20
-    val = prepare_samples(model, val_vols, profile.preprocessing, val_settings, device)
+    val = prepare_samples(model, val_vols, profile.preprocessing, val_settings, device, store, fingerprint)
     metrics = AdapterTrainer(model, val_settings, device).evaluate(val, feed_logits=True, clicks=3)
     counts = model.parameter_counts()
     return {
@@ -175,6 +180,8 @@ def main() -> None:
     parser.add_argument("--val-cases", type=int, default=10)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--encoder-adapters", action=argparse.BooleanOptionalAction, default=True)
+    parser.add_argument("--embedding-store", type=Path, default=None,
+                        help="with --no-encoder-adapters: keep the (base) embeddings in this folder across rounds")
     parser.add_argument("--out", type=Path, default=None, help="write every result as JSON here")
     parser.add_argument("--data", type=Path, default=DATA, help="the shared data folder (default ../shared/data)")
     parser.add_argument("--jobs", type=int, default=1,
@@ -209,7 +216,8 @@ def main() -> None:
         sys.exit(f"{args.data} not found")
     common = ["--epochs", str(args.epochs), "--steps", str(args.steps), "--batch", str(args.batch), "--lr",
               str(args.lr), "--slices", str(args.slices), "--val-cases", str(args.val_cases), "--seed", str(args.seed),
-              "--encoder-adapters" if args.encoder_adapters else "--no-encoder-adapters"]
+              "--encoder-adapters" if args.encoder_adapters else "--no-encoder-adapters",
+              *(["--embedding-store", str(args.embedding_store)] if args.embedding_store else [])]
     runs = [(dataset, n, design, head) for dataset in args.datasets.split(",")
             for n in (int(v) for v in args.volumes.split(","))
             for design, head in configurations(args.designs.split(","), args.heads.split(","))]
