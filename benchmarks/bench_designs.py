@@ -5,6 +5,7 @@
         --epochs 1 --steps 4 --slices 4 --val-cases 2                            # a small configuration
     python3 benchmarks/bench_designs.py --jobs 8 --data DIR --out designs.json     # on a GPU machine
     .venv/bin/python benchmarks/bench_designs.py --step-cost --designs msa,depth    # one step, checkpointing off/on
+    .venv/bin/python benchmarks/bench_designs.py --encode-cost --designs msa,depth  # a new slice's encoder cost
 
 For each design (``msa``, ``samus``, ``depth``; with the default ``decoder`` head) and each prompt-free head
 (``decoder``, ``unet``, ``linear``; with the ``msa`` design), and for 1 and 4 labelled training volumes
@@ -159,6 +160,35 @@ def step_cost(args: argparse.Namespace) -> dict:
             "step_seconds": round(seconds, 1), "peak_memory_mb": round(peak, 1), "threads": torch.get_num_threads()}
 
 
+def encode_cost(designs: list[str], repeats: int) -> list[dict]:
+    """Median ms to encode one new slice (its stack for ``depth``) per design, with the encoder runtime the
+    server picks by default (``auto``) and with torch fp32."""
+    from lib.serving.runtimes import RuntimeEncoder, probe_input
+
+    base = load_profile(APP / "configs" / "lite_medsam.toml")
+    out = []
+    for design in designs:
+        model = AdaptedSam.from_profile(replace(base, adapters=replace(base.adapters, design=design)))
+        x = probe_input(model)
+        row: dict = {"design": design, "slices_encoded": model.depth_slices}
+        with tempfile.TemporaryDirectory() as cache:
+            for runtime in ("auto", "torch"):
+                encoder = RuntimeEncoder(model, runtime, Path(cache))
+                name = encoder.prepare().name
+                times = []
+                with torch.inference_mode():
+                    encoder(x)
+                    for _ in range(repeats):
+                        start = time.perf_counter()
+                        encoder(x)
+                        times.append((time.perf_counter() - start) * 1e3)
+                row[f"{runtime}_runtime"] = name
+                row[f"{runtime}_ms"] = round(float(np.median(times)), 1)
+        out.append(row)
+        print(json.dumps(row), flush=True)
+    return out
+
+
 def configurations(designs: list[str], heads: list[str]) -> list[tuple[str, str]]:
     """Each design with the default head, and each other head with the default design."""
     out = [(d, "decoder") for d in designs]
@@ -188,6 +218,9 @@ def main() -> None:
                         help="rounds run at once (on a GPU; each still in its own process, times then overlap)")
     parser.add_argument("--step-cost", action="store_true",
                         help="only time one encoder training step per design, activation checkpointing off and on")
+    parser.add_argument("--encode-cost", action="store_true",
+                        help="only time encoding one new slice per design (default runtime and torch fp32)")
+    parser.add_argument("--repeats", type=int, default=5, help="timed repeats for --encode-cost")
     # internal: run one configuration and print its JSON
     parser.add_argument("--one", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--dataset", help=argparse.SUPPRESS)
@@ -208,6 +241,9 @@ def main() -> None:
                 out = subprocess.run(cmd, capture_output=True, text=True).stdout
                 print(next((x[len("RESULT "):] for x in out.splitlines() if x.startswith("RESULT ")), "failed"),
                       flush=True)
+        return
+    if args.encode_cost:
+        encode_cost(args.designs.split(","), args.repeats)
         return
     if args.one_step:
         print("RESULT " + json.dumps(step_cost(args)), flush=True)
