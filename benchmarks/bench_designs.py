@@ -33,6 +33,7 @@ import resource
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
@@ -81,6 +82,20 @@ DATASETS = {"brats": (brats, ("tumour",)), "hippocampus": (hippocampus, ("hippoc
                                                                         "hippocampus_posterior"))}
 
 
+def peak_memory_mb(device: torch.device) -> float:
+    """This process's peak so far: CUDA memory allocated on a GPU, resident memory on the CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated() / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def result_of(cmd: list[str]) -> tuple[dict | None, str]:
+    """Run ``cmd`` (this script with an internal option) and parse its ``RESULT`` line: (result, stderr)."""
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    line = next((x for x in proc.stdout.splitlines() if x.startswith("RESULT ")), None)
+    return (json.loads(line[len("RESULT "):]) if line else None), proc.stderr
+
+
 def one_round(args: argparse.Namespace) -> dict:
     """One configuration in this process: build, train one round, validate; numbers as a dict."""
     torch.manual_seed(args.seed)
@@ -118,9 +133,7 @@ def one_round(args: argparse.Namespace) -> dict:
             for name, tensor in result.best_state.items():
                 own[name].copy_(tensor)
     round_seconds = time.time() - start
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    if device.type == "cuda":
-        peak = torch.cuda.max_memory_allocated() / 2**20
+    peak = peak_memory_mb(device)
     val = prepare_samples(model, val_vols, profile.preprocessing, val_settings, device, store, fingerprint)
     metrics = AdapterTrainer(model, val_settings, device).evaluate(val, feed_logits=True, clicks=3)
     counts = model.parameter_counts()
@@ -153,9 +166,7 @@ def step_cost(args: argparse.Namespace) -> dict:
     start = time.time()
     model.encode(x).square().mean().backward()
     seconds = time.time() - start
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    if device.type == "cuda":
-        peak = torch.cuda.max_memory_allocated() / 2**20
+    peak = peak_memory_mb(device)
     return {"design": args.design, "batch": args.batch, "checkpointing": args.checkpointing,
             "step_seconds": round(seconds, 1), "peak_memory_mb": round(peak, 1), "threads": torch.get_num_threads()}
 
@@ -238,9 +249,8 @@ def main() -> None:
             for mode in ("off", "on"):
                 cmd = [sys.executable, __file__, "--one-step", "--design", design, "--checkpointing", mode,
                        "--batch", str(args.batch)]
-                out = subprocess.run(cmd, capture_output=True, text=True).stdout
-                print(next((x[len("RESULT "):] for x in out.splitlines() if x.startswith("RESULT ")), "failed"),
-                      flush=True)
+                res, err = result_of(cmd)
+                print(json.dumps(res) if res else f"{design} checkpointing {mode}: failed\n{err[-2000:]}", flush=True)
         return
     if args.encode_cost:
         encode_cost(args.designs.split(","), args.repeats)
@@ -257,29 +267,29 @@ def main() -> None:
     runs = [(dataset, n, design, head) for dataset in args.datasets.split(",")
             for n in (int(v) for v in args.volumes.split(","))
             for design, head in configurations(args.designs.split(","), args.heads.split(","))]
-    results: list[dict] = []
+    finished: dict[int, dict] = {}  # by position in runs
+    lock = threading.Lock()
 
-    def run(config: tuple[str, int, str, str]) -> None:
-        dataset, n, design, head = config
+    def run(index: int) -> None:
+        dataset, n, design, head = runs[index]
         cmd = [sys.executable, __file__, "--one", "--dataset", dataset, "--design", design, "--head", head,
                "--n", str(n), "--data", str(args.data), *common]
-        proc = subprocess.run(cmd, capture_output=True, text=True)
-        line = next((x for x in proc.stdout.splitlines() if x.startswith("RESULT ")), None)
-        if line is None:
-            print(f"{dataset} n={n} {design}/{head}: failed\n{proc.stderr[-2000:]}", flush=True)
+        res, err = result_of(cmd)
+        if res is None:
+            print(f"{dataset} n={n} {design}/{head}: failed\n{err[-2000:]}", flush=True)
             return
-        res = json.loads(line[len("RESULT "):])
         res["concurrent_rounds"] = args.jobs
-        results.append(res)
         print(json.dumps(res), flush=True)
-        if args.out:  # rewritten after every round, so a run cut short keeps what it finished
-            args.out.parent.mkdir(parents=True, exist_ok=True)
-            args.out.write_text(json.dumps({"argv": sys.argv[1:], "results": results}, indent=2) + "\n")
+        with lock:
+            finished[index] = res
+            if args.out:  # rewritten after every round, so a run cut short keeps what it finished
+                args.out.parent.mkdir(parents=True, exist_ok=True)
+                done = [finished[i] for i in sorted(finished)]
+                args.out.write_text(json.dumps({"argv": sys.argv[1:], "results": done}, indent=2) + "\n")
 
     with ThreadPoolExecutor(args.jobs) as pool:
-        list(pool.map(run, runs))
-    results.sort(key=lambda r: runs.index((r["dataset"], r["volumes"], r["design"], r["head"]))
-                 if (r["dataset"], r["volumes"], r["design"], r["head"]) in runs else 0)
+        list(pool.map(run, range(len(runs))))
+    results = [finished[i] for i in sorted(finished)]
     print("\n| dataset | volumes | design | head | trainable | round s | peak MB | box | 1 click | 3 clicks | auto |")
     print("|---|---|---|---|---|---|---|---|---|---|---|")
     for r in results:

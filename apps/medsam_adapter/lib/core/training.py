@@ -159,8 +159,8 @@ def prepare_samples(
             pick = np.linspace(0, len(labelled) - 1, limit).round().astype(int)
             labelled = [labelled[i] for i in sorted(set(pick))]
         for k in labelled:
-            raw = view.slice(image.array, k)
-            frame = LetterboxFrame.fit(raw.shape, model.img_size, view.spacing)
+            encoded = view.stack(image.array, k, model.depth_slices)  # slice k, or k-1..k+1 for `depth`
+            frame = LetterboxFrame.fit(encoded.shape[-2:], model.img_size, view.spacing)
             lr = frame.labels_to_low_res(view.slice(values, k).astype(np.int64), low_res)
             objects = []
             for value in np.unique(lr[lr > 0]):
@@ -177,7 +177,6 @@ def prepare_samples(
                 head_target = np.zeros_like(lr)
                 for v, idx in known.items():
                     head_target[lr == v] = idx
-            encoded = view.stack(image.array, k, model.depth_slices)  # slice k, or k-1..k+1 for `depth`
             x = model_input(encoded, window, preprocessing.per_slice_minmax, frame).to(device)
             per_model_pixel = model.img_size / low_res[0]  # model pixels per low-res pixel
             geometry = LowResGeometry(

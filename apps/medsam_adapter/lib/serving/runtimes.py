@@ -179,7 +179,7 @@ def probe_input(model: AdaptedSam) -> Tensor:
     if depth == 1:
         return image
     shifts = range(-(depth // 2), depth // 2 + 1)
-    return torch.stack([torch.roll(image, 8 * s, dims=-1) for s in shifts], dim=1).to(model.device)
+    return torch.stack([torch.roll(image, 8 * s, dims=-1) for s in shifts], dim=1)
 
 
 def relative_error(value: Tensor, reference: Tensor) -> float:
@@ -366,7 +366,8 @@ class ExportedEncoder(ExportedGraph):
 
     def input_spec(self) -> list:
         """One slice (1, 3, S, S); for the ``depth`` design one slice stack (1, D, 3, S, S)."""
-        return list(probe_input(self.model).shape)
+        depth, size = self.model.depth_slices, self.model.img_size
+        return [1, *([depth] if depth > 1 else []), 3, size, size]
 
     def convert(self, openvino):
         # TinyViT's shape checks become constants in the trace: the graph has a fixed input size
