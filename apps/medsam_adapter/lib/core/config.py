@@ -107,7 +107,7 @@ class InferenceSettings:
         default=(20.0, 40.0, 80.0, 160.0), metadata={"any_length": True}
     )
     lone_click_max_contact: float = 0.2
-    lone_click_alone_margin: float = 1.5
+    lone_click_alone_margin: float = 3.0
     # every foreground click inside the answer and every background click outside it (local repair)
     respect_clicks: bool = True
     # a correction click (previous logits fed back) changes the answer only in the regions connected to
