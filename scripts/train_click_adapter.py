@@ -183,7 +183,7 @@ def main() -> None:
                         help="organs: CT/MR organs and spinal cord (round 2); broad: plus part of the train parts "
                              "of hippocampus MR, fetal-head ultrasound, cardiac MR and MS lesions; full: all of them")
     parser.add_argument("--save-samples", type=Path,
-                        help="prepare the data's samples (with model inputs), write them to this sample bank, stop")
+                        help="prepare the data's samples (their slices), write them to this sample bank, stop")
     parser.add_argument("--samples", type=Path,
                         help="train from this sample bank (written by --save-samples) instead of reading the data")
     parser.add_argument("--embedding-store", type=Path,
@@ -223,17 +223,18 @@ def main() -> None:
         train_volumes, val_volumes = data_volumes(args.data, args.legacy_selection)
         cases = {"train_cases": [v.image_id for v in train_volumes],
                  "validation_cases": [v.image_id for v in val_volumes]}
+        bank = args.save_samples is not None
         store = None
-        if args.embedding_store is not None and not args.encoder_adapters and args.save_samples is None:
+        if args.embedding_store is not None and not args.encoder_adapters and not bank:
             # the trainer encodes with torch: the folder evaluate.py uses with --inference encoder_runtime='"torch"'
             folder = args.embedding_store / profile.name / "torch"
             store = StoredEmbeddingCache(profile.inference.embedding_cache_mb, folder)
         fingerprint = f"{profile.name}:base"  # the frozen encoder's embeddings, as inference keys them
-        keep = replace(settings, train_encoder_adapters=True) if args.save_samples else settings  # model inputs
-        bank = args.save_samples is not None
-        train = prepare_samples(model, train_volumes, profile.preprocessing, keep, device, store, fingerprint, bank)
-        val = prepare_samples(model, val_volumes, profile.preprocessing, keep, device, store, fingerprint, bank)
-        if args.save_samples is not None:
+        # a bank keeps the slices themselves: nothing is encoded (as when the encoder trains)
+        prep = replace(settings, train_encoder_adapters=True) if bank else settings
+        train = prepare_samples(model, train_volumes, profile.preprocessing, prep, device, store, fingerprint, bank)
+        val = prepare_samples(model, val_volumes, profile.preprocessing, prep, device, store, fingerprint, bank)
+        if bank:
             write_bank(args.save_samples, train, val, {**cases, "command": " ".join(sys.argv)})
             return
     prepared = time.time() - start

@@ -19,7 +19,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from .preprocess import LetterboxFrame
 from .served_session import LowResGeometry
@@ -46,16 +45,12 @@ def _grey(sample: SliceSample) -> tuple[np.ndarray, bool]:
     return np.round(np.clip(planes, 0, 1) * 255).astype(np.uint8), native
 
 
-def _model_input(greys: np.ndarray, native: bool, frame: LetterboxFrame, depth: bool) -> torch.Tensor:
-    planes = []
-    for g in greys.astype(np.float32) / 255.0:
-        if native:
-            planes.append(frame.image_to_model(g))
-        else:
-            t = torch.from_numpy(g)[None, None]
-            t = F.pad(t, (0, frame.img_size - t.shape[-1], 0, frame.img_size - t.shape[-2]))
-            planes.append(t.expand(1, 3, -1, -1).contiguous())
-    return torch.stack(planes, dim=1) if depth else planes[0]
+def _model_input(greys: np.ndarray, native: bool, frame: LetterboxFrame) -> torch.Tensor:
+    """(D, h, w) greys -> the model input, (1, 3, S, S) for one slice or (1, D, 3, S, S) for a stack."""
+    if not native:  # already at their size in the model input: only the padding is added back
+        frame = LetterboxFrame(*greys.shape[1:], frame.img_size, 1.0, 1.0)
+    planes = [frame.image_to_model(g) for g in greys.astype(np.float32) / 255.0]
+    return torch.stack(planes, dim=1) if len(planes) > 1 else planes[0]
 
 
 def save_samples(samples: Sequence[SliceSample], path: Path) -> None:
@@ -71,7 +66,6 @@ def save_samples(samples: Sequence[SliceSample], path: Path) -> None:
         g = s.geometry
         meta.append({
             "source": s.source, "k": int(s.k), "shape": list(grey.shape), "native": native,
-            "depth": s.model_input is not None and s.model_input.ndim == 5 or len(grey) > 1,
             "frame": dataclasses.asdict(s.frame),
             "geometry": None if g is None else [*map(int, g.extent), float(g.mm_per_pixel), float(g.slice_pixels)],
         })
@@ -112,7 +106,7 @@ def load_samples(path: Path) -> list[SliceSample]:
         samples.append(SliceSample(
             m["source"], m["k"], labels[i].astype(np.int64), list(objects[ends[i] - counts[i]:ends[i]]),
             None if (heads[i] < 0).all() else heads[i].astype(np.int64),
-            model_input=_model_input(greys, m["native"], frame, m["depth"]),
+            model_input=_model_input(greys, m["native"], frame),
             geometry=None if g is None else LowResGeometry((g[0], g[1]), g[2], g[3]), frame=frame,
         ))
     return samples
