@@ -19,7 +19,9 @@ Data (read in place, never copied): BraTS 2015 FLAIR whole tumour (``mr_brats201
 "4 volumes" uses both; validation on ``validation_*``), MSD hippocampus (``train_*`` / ``validation_*``,
 anterior + posterior). ``--encoder-adapters`` (default on) trains the encoder-side parts too: without it
 every design trains the same decoder-side parts on the same cached embeddings (the CPU default), so
-the designs cannot differ. 3D propagation from one box is not measured here (see scripts/evaluate.py).
+the designs cannot differ. On BraTS (``--three-d``, default): 3D Dice from one tight box on each validation
+volume's middle tumour slice, propagated by the product's inference (the evaluation suite's protocol, in
+process, torch encoder) with the round's adapters published as a served version would be.
 Numbers taken on a shared CPU are noisy: rerun on a quiet machine for the README table. ``--jobs N`` runs N
 rounds at once (each in its own process; on a GPU the CUDA peak is per process, the times overlap).
 """
@@ -49,6 +51,10 @@ sys.path.insert(0, str(APP))
 
 from lib.core.cache import StoredEmbeddingCache  # noqa: E402
 from lib.core.config import load_profile  # noqa: E402
+from lib.core.datasets import volume_pair  # noqa: E402
+from lib.core.engine import InteractiveSegmenter, publish_adapters  # noqa: E402
+from lib.core.eval_backends import InProcessBackend  # noqa: E402
+from lib.core.evaluation import EvalSettings, evaluate_volume  # noqa: E402
 from lib.core.model import AdaptedSam  # noqa: E402
 from lib.core.training import AdapterTrainer, LabelledVolume, TrainSettings, prepare_samples  # noqa: E402
 
@@ -96,6 +102,25 @@ def result_of(cmd: list[str]) -> tuple[dict | None, str]:
     return (json.loads(line[len("RESULT "):]) if line else None), proc.stderr
 
 
+def three_d_dice(model: AdaptedSam, profile, volumes: list[LabelledVolume], device: torch.device) -> float:
+    """Mean 3D Dice over ``volumes`` and their structures: one tight box on the middle labelled slice,
+    propagated by the served inference path with ``model``'s adapters (published to a scratch folder)."""
+    settings = EvalSettings()
+    profile = replace(profile, inference=replace(profile.inference, encoder_runtime="torch"))
+    with tempfile.TemporaryDirectory(prefix="bench_designs_3d_") as folder:
+        publish_adapters(model, Path(folder), {})
+        backend = InProcessBackend(InteractiveSegmenter(profile, adapter_dir=Path(folder), device=str(device)))
+        dices = []
+        for vol in volumes:
+            case = volume_pair(Path(vol.image), Path(vol.label), vol.names, vol.image_id)
+            for value, name in case.structures(None).items():
+                target = case.label.array == value
+                present = np.flatnonzero(target.sum(axis=(0, 1)) >= settings.min_pixels)
+                if len(present) > 1:
+                    dices.append(evaluate_volume(backend, case, name, target, present, settings, "designs").dice)
+    return round(float(np.mean(dices)), 4) if dices else float("nan")
+
+
 def one_round(args: argparse.Namespace) -> dict:
     """One configuration in this process: build, train one round, validate; numbers as a dict."""
     torch.manual_seed(args.seed)
@@ -136,6 +161,7 @@ def one_round(args: argparse.Namespace) -> dict:
     peak = peak_memory_mb(device)
     val = prepare_samples(model, val_vols, profile.preprocessing, val_settings, device, store, fingerprint)
     metrics = AdapterTrainer(model, val_settings, device).evaluate(val, feed_logits=True, clicks=3)
+    volume_dice = three_d_dice(model, profile, val_vols, device) if args.three_d and args.dataset == "brats" else None
     counts = model.parameter_counts()
     return {
         "dataset": args.dataset, "design": args.design, "head": args.head, "volumes": len(train_vols),
@@ -145,7 +171,8 @@ def one_round(args: argparse.Namespace) -> dict:
         "embedding_seconds": round(prepared, 1), "round_seconds": round(round_seconds, 1),
         "peak_memory_mb": round(peak, 1), "peak_memory_kind": "cuda" if device.type == "cuda" else "rss",
         "box_dice": metrics["box_dice"], "click1_dice": metrics["click1_dice"], "click3_dice": metrics["click3_dice"],
-        "auto_dice": metrics.get("auto_dice"), "epochs": result.epochs_run if result else 0,
+        "auto_dice": metrics.get("auto_dice"), "three_d_dice": volume_dice,
+        "epochs": result.epochs_run if result else 0,
         "steps_per_epoch": args.steps,
         "encoder_adapters_trained": args.encoder_adapters, "threads": torch.get_num_threads(),
     }
@@ -221,6 +248,8 @@ def main() -> None:
     parser.add_argument("--val-cases", type=int, default=10)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--encoder-adapters", action=argparse.BooleanOptionalAction, default=True)
+    parser.add_argument("--three-d", action=argparse.BooleanOptionalAction, default=True,
+                        help="BraTS: 3D Dice from one box per validation volume (the served propagation)")
     parser.add_argument("--embedding-store", type=Path, default=None,
                         help="with --no-encoder-adapters: keep the (base) embeddings in this folder across rounds")
     parser.add_argument("--out", type=Path, default=None, help="write every result as JSON here")
@@ -263,6 +292,7 @@ def main() -> None:
     common = ["--epochs", str(args.epochs), "--steps", str(args.steps), "--batch", str(args.batch), "--lr",
               str(args.lr), "--slices", str(args.slices), "--val-cases", str(args.val_cases), "--seed", str(args.seed),
               "--encoder-adapters" if args.encoder_adapters else "--no-encoder-adapters",
+              "--three-d" if args.three_d else "--no-three-d",
               *(["--embedding-store", str(args.embedding_store)] if args.embedding_store else [])]
     runs = [(dataset, n, design, head) for dataset in args.datasets.split(",")
             for n in (int(v) for v in args.volumes.split(","))
@@ -290,13 +320,15 @@ def main() -> None:
     with ThreadPoolExecutor(args.jobs) as pool:
         list(pool.map(run, range(len(runs))))
     results = [finished[i] for i in sorted(finished)]
-    print("\n| dataset | volumes | design | head | trainable | round s | peak MB | box | 1 click | 3 clicks | auto |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    print("\n| dataset | volumes | design | head | trainable | round s | peak MB | box | 1 click | 3 clicks | 3D "
+          "| auto |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in results:
         auto = f"{r['auto_dice']:.3f}" if r["auto_dice"] is not None else "–"
+        volume = f"{r['three_d_dice']:.3f}" if r.get("three_d_dice") is not None else "–"
         print(f"| {r['dataset']} | {r['volumes']} | {r['design']} | {r['head']} | {r['trainable_parameters']:,} | "
               f"{r['round_seconds']:.0f} | {r['peak_memory_mb']:.0f} | {r['box_dice']:.3f} | {r['click1_dice']:.3f} | "
-              f"{r['click3_dice']:.3f} | {auto} |")
+              f"{r['click3_dice']:.3f} | {volume} | {auto} |")
 
 
 if __name__ == "__main__":

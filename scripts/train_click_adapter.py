@@ -7,7 +7,8 @@ hypernetworks, IoU head, mask tokens) with the product's own trainer and simulat
 clicks, click sequences into the largest error with the previous logits fed back, boxes, box plus
 clicks. Opt-in variants (measured in the README): a longer click horizon (``--click-rounds``),
 size-balanced object sampling (``--balance-sizes``), a cosine rate decay (``--cosine``), three masks for a
-lone click (``--multimask``), more negative-click rounds (``--negative-share``), gradient clipping
+lone click (``--multimask``), more negative-click rounds (``--negative-share``), more lone-click rounds
+(``--lone-click-share``), gradient clipping
 (``--grad-clip``), a warm start from earlier adapters (``--start-from``), the image encoder's adapters
 trained too (``--encoder-adapters``; image embeddings are then recomputed at every step, otherwise
 once). Data: the shippable labelled scans only (``sample-data/`` and the shippable folders of
@@ -174,6 +175,8 @@ def main() -> None:
                         help="three masks for a lone click, best one trained (measured: worse held-out 1-click Dice)")
     parser.add_argument("--negative-share", type=float, default=0.0,
                         help="how often the trained round is one ending in a negative click (0..1)")
+    parser.add_argument("--lone-click-share", type=float, default=0.0,
+                        help="how often a session started by a click trains its first answer, the lone click (0..1)")
     parser.add_argument("--grad-clip", type=float, default=0.0, help="clip the gradient norm (0: off)")
     parser.add_argument("--start-from", type=Path, default=None,
                         help="continue from these adapters (as an active-learning round does), not the base")
@@ -197,6 +200,8 @@ def main() -> None:
                              "reports as held out); only to reproduce the shipped adapters")
     parser.add_argument("--out", type=Path, default=APP / "adapters" / "lite_medsam_clicks.pt")
     args = parser.parse_args()
+    if args.served_sessions and args.lone_click_share:
+        parser.error("--lone-click-share trains the lone click's own answer; with --served-sessions it is not trained")
     torch.manual_seed(args.seed)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     profile = replace(load_profile(APP / "configs" / "lite_medsam.toml"), adapter_checkpoint=None)
@@ -214,7 +219,8 @@ def main() -> None:
         patience=args.patience, max_slices_per_volume=30, min_object_pixels=12, max_val_objects=96,
         train_prompt_free_head=False, multimask_single_click=args.multimask, balance_object_sizes=args.balance_sizes,
         val_clicks=args.val_clicks, cosine_schedule=args.cosine, negative_click_share=args.negative_share,
-        grad_clip_norm=args.grad_clip, train_encoder_adapters=args.encoder_adapters,
+        lone_click_share=args.lone_click_share, grad_clip_norm=args.grad_clip,
+        train_encoder_adapters=args.encoder_adapters,
     )
     start = time.time()
     if args.samples is not None:

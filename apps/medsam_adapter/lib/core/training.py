@@ -75,6 +75,9 @@ class TrainSettings:
     val_clicks: int = 3  # validation Dice after this many clicks (with the box Dice: the score)
     cosine_schedule: bool = False  # learning rate decays to 0 over max_epochs (cosine)
     negative_click_share: float = 0.0  # how often the trained round is one ending in a negative click
+    # how often a session started by a click trains its first answer, the lone click against the whole
+    # object (drawn uniformly otherwise: 1 / (1 + click_rounds + mask_only_rounds)); not with served answers
+    lone_click_share: float = 0.0
     grad_clip_norm: float = 0.0  # clip the gradients' global norm to this (0: no clipping)
     adapter_design: str = ""  # "": the served design; another one starts from that design's fresh adapters
     head: str = ""  # "": the served prompt-free head kind; another one starts fresh
@@ -349,6 +352,8 @@ class AdapterTrainer:
                 pred = (mask_in[:, 0] > 0).cpu().numpy()
             if s.negative_click_share > 0:
                 trained = trained_rounds(trained, negative, s.negative_click_share, rng)
+            if not boxed and s.lone_click_share > 0 and self.served is None:
+                trained[rng.random(len(batch)) < s.lone_click_share] = 0
             # each object's trained round, decoded with gradients (rounds may differ between objects)
             logits, iou_pred = self._decode_each(emb, boxes, [states[r] for r in trained])
             total = total + self._round_loss(logits, iou_pred, gt)
