@@ -54,7 +54,7 @@ from lib.core.config import load_profile  # noqa: E402
 from lib.core.datasets import volume_pair  # noqa: E402
 from lib.core.engine import InteractiveSegmenter, publish_adapters  # noqa: E402
 from lib.core.eval_backends import InProcessBackend  # noqa: E402
-from lib.core.evaluation import EvalSettings, evaluate_volume  # noqa: E402
+from lib.core.evaluation import EvalSettings, evaluate_cases  # noqa: E402
 from lib.core.model import AdaptedSam  # noqa: E402
 from lib.core.training import AdapterTrainer, LabelledVolume, TrainSettings, prepare_samples  # noqa: E402
 
@@ -103,22 +103,17 @@ def result_of(cmd: list[str]) -> tuple[dict | None, str]:
 
 
 def three_d_dice(model: AdaptedSam, profile, volumes: list[LabelledVolume], device: torch.device) -> float:
-    """Mean 3D Dice over ``volumes`` and their structures: one tight box on the middle labelled slice,
-    propagated by the served inference path with ``model``'s adapters (published to a scratch folder)."""
-    settings = EvalSettings()
+    """Mean 3D Dice over ``volumes`` and their structures: the evaluation suite's one tight box on the middle
+    labelled slice, propagated by the served inference path with ``model``'s adapters (published to a
+    scratch folder)."""
     profile = replace(profile, inference=replace(profile.inference, encoder_runtime="torch"))
+    cases = [volume_pair(Path(v.image), Path(v.label), v.names, v.image_id) for v in volumes]
     with tempfile.TemporaryDirectory(prefix="bench_designs_3d_") as folder:
         publish_adapters(model, Path(folder), {})
         backend = InProcessBackend(InteractiveSegmenter(profile, adapter_dir=Path(folder), device=str(device)))
-        dices = []
-        for vol in volumes:
-            case = volume_pair(Path(vol.image), Path(vol.label), vol.names, vol.image_id)
-            for value, name in case.structures(None).items():
-                target = case.label.array == value
-                present = np.flatnonzero(target.sum(axis=(0, 1)) >= settings.min_pixels)
-                if len(present) > 1:
-                    dices.append(evaluate_volume(backend, case, name, target, present, settings, "designs").dice)
-    return round(float(np.mean(dices)), 4) if dices else float("nan")
+        # no slice sessions (the round's validation measured those): the 3D propagation only
+        _, records = evaluate_cases(backend, cases, EvalSettings(max_slices_per_structure=0))
+    return round(float(np.mean([r.dice for r in records])), 4) if records else float("nan")
 
 
 def one_round(args: argparse.Namespace) -> dict:
