@@ -198,10 +198,19 @@ def main() -> None:
     parser.add_argument("--legacy-selection", action="store_true",
                         help="checkpoint selection as in rounds 2-3 (sct t1, AMOS test slices: sets the README also "
                              "reports as held out); only to reproduce the shipped adapters")
-    parser.add_argument("--out", type=Path, default=APP / "adapters" / "lite_medsam_clicks.pt")
+    parser.add_argument("--lone-click-adapter", action="store_true",
+                        help="adapters for lone clicks only (the profile's lone_click_checkpoint): every session is "
+                             "one click, its answer trained; the best epoch by the click-alone Dice")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="default: adapters/lite_medsam_clicks.pt (lite_medsam_lone_click.pt with "
+                             "--lone-click-adapter)")
     args = parser.parse_args()
-    if args.served_sessions and args.lone_click_share:
-        parser.error("--lone-click-share trains the lone click's own answer; with --served-sessions it is not trained")
+    if args.out is None:
+        name = "lite_medsam_lone_click.pt" if args.lone_click_adapter else "lite_medsam_clicks.pt"
+        args.out = APP / "adapters" / name
+    if args.served_sessions and (args.lone_click_share or args.lone_click_adapter):
+        parser.error("--lone-click-share and --lone-click-adapter train the lone click's own answer; with "
+                     "--served-sessions it is not trained")
     torch.manual_seed(args.seed)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     profile = replace(load_profile(APP / "configs" / "lite_medsam.toml"), adapter_checkpoint=None)
@@ -222,6 +231,9 @@ def main() -> None:
         lone_click_share=args.lone_click_share, grad_clip_norm=args.grad_clip,
         train_encoder_adapters=args.encoder_adapters,
     )
+    if args.lone_click_adapter:  # one click per session, its answer trained, chosen by the click-alone Dice
+        settings = replace(settings, click_rounds=0, mask_only_rounds=0, box_probability=0.0, lone_click_share=1.0,
+                           val_clicks=1, max_val_objects=200, selection_metric="click1_dice")
     start = time.time()
     if args.samples is not None:
         train, val, cases = read_bank(args.samples, model, device, args.encoder_adapters)
@@ -256,6 +268,7 @@ def main() -> None:
         "trained_parts": parts,
         "settings": asdict(settings),
         "served_sessions": args.served_sessions,
+        "lone_click_adapter": args.lone_click_adapter,
     }
     history: list[dict] = []
 

@@ -9,7 +9,7 @@ import pytest
 
 from conftest import APP, SAMPLE
 from lib.core.cache import EmbeddingCache
-from lib.core.clicks import boxes_at_scales, local_correction, respect_clicks, side_contact, stability
+from lib.core.clicks import boxes_at_scales, local_correction, pick_scale, respect_clicks, side_contact, stability
 from lib.core.config import InferenceSettings, PreprocessSettings
 from lib.core.orientation import SliceView
 from lib.core.predictor import LoadedModel, SlicePredictor
@@ -134,6 +134,27 @@ def test_stability_prefers_a_sharp_edge():
     assert stability(sharp) > 0.95
     assert stability(blurry) < stability(sharp)
     assert stability(np.full((8, 8), -5.0)) == 0.0
+
+
+def test_the_scale_choice_weighs_click_answers_by_their_margins_and_drops_fragments():
+    """Answers to the click itself win ties by margin / sqrt(area); a box answer that runs into its box's
+    sides (a fragment of something larger) never wins, however sharp."""
+    yy, xx = np.mgrid[:64, :64]
+
+    def disc(radius: float, sharpness: float) -> np.ndarray:
+        return sharpness * (radius - np.hypot(yy - 32, xx - 32))
+
+    blurry_click, sharp_click = disc(6, 0.3), disc(6, 8.0)
+    boxes = [(20, 20, 44, 44), (28, 28, 36, 36)]  # the second box cuts through a disc of radius 10
+    box_answers = np.stack([disc(10, 4.0), disc(10, 8.0)])
+    assert stability(box_answers[1]) >= stability(box_answers[0])
+    # the sharp box answer beats a blurry click answer without margin; the fragment never counts
+    assert pick_scale([(blurry_click, 0.0)], box_answers, boxes, 0.2) == 1
+    # a margin large enough for the click answer's area keeps it; the second click answer can win too
+    assert pick_scale([(blurry_click, 100.0)], box_answers, boxes, 0.2) == 0
+    assert pick_scale([(blurry_click, 0.0), (sharp_click, 3.0)], box_answers, boxes, 0.2) == 1
+    # no click answer: the best box answer that is not a fragment
+    assert pick_scale([], box_answers, boxes, 0.2) == 0
 
 
 def test_the_predictor_respects_every_click_on_a_real_slice(lite_model, spleen_slice):

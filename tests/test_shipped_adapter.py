@@ -58,3 +58,31 @@ def test_served_by_default_and_switchable_to_the_base_model():
         clicks[name] = record.click_dice[-1]
     # LiteMedSAM alone ignores clicks; with the shipped adapter three clicks segment the organ
     assert clicks["shipped"] > 0.75 and clicks["shipped"] > clicks["base"] + 0.3, clicks
+
+
+LONE = APP / "adapters" / "lite_medsam_lone_click.pt"
+
+
+def test_the_lone_click_adapters_join_only_while_the_shipped_adapters_serve():
+    """The lone-click adapters are decoder-side only (same embedding as the served model) and answer a lone
+    click next to the shipped click adapter; with the bare base model served, or switched off, they do not."""
+    ckpt = AdapterCheckpoint.load(LONE)
+    assert LONE.stat().st_size < 10e6 and ckpt.backbone == "lite_medsam"
+    record = json.loads(LONE.with_suffix(".json").read_text())
+    assert record["lone_click_adapter"] and record["settings"]["selection_metric"] == "click1_dice"
+    assert record["validation_after"]["click1_dice"] > record["validation_before"]["click1_dice"]
+    used = " ".join(record["train_cases"] + record["validation_cases"]).lower()
+    for held_out in ("brats", "deeplesion", "ct_lesion", "validation_", "patient07"):
+        assert held_out not in used, held_out
+
+    profile = load_profile(APP / "configs" / "lite_medsam.toml")
+    assert profile.lone_click_checkpoint == LONE.resolve()
+    served = InteractiveSegmenter(profile, adapter_dir=None, device="cpu")
+    lone = served.lone_click_model()
+    assert lone is not None and lone.encoder_fingerprint == served.current().encoder_fingerprint
+    assert served.predictor(served.current()).lone is not None
+    assert served.predictor(served.bare_model()).lone is None
+    off = replace(profile, inference=replace(profile.inference, lone_click_adapter=False))
+    assert InteractiveSegmenter(off, adapter_dir=None, device="cpu").lone_click_model() is None
+    base = InteractiveSegmenter(replace(profile, adapter_checkpoint=None), adapter_dir=None, device="cpu")
+    assert base.predictor(base.current()).lone is None

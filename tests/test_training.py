@@ -198,6 +198,37 @@ def test_negative_click_rounds_get_the_requested_share_of_training():
     assert (trained_rounds(drawn, negative, 0.0, rng) == drawn).all()
 
 
+def test_lone_click_share_trains_the_click_alone_that_often():
+    """``lone_click_share = 1``: a session started by a click always trains its first answer (one click, no
+    fed-back logits); without it, later rounds are trained too."""
+    torch.manual_seed(0)
+    model = AdaptedSam(build_backbone("tiny"), AdapterSettings(), labels=("spleen",))
+    model.freeze_all_but(["decoder_adapters"])
+    settings = TrainSettings(max_slices_per_volume=2, click_rounds=3, box_probability=0.0)
+    samples = prepare_samples(model, [SPLEEN], PreprocessSettings(), settings, torch.device("cpu"))
+    items = [(s, o) for s in samples for o in s.objects][:2]
+
+    def trained_prompts(share: float) -> list[tuple[int, bool]]:
+        """(clicks, logits fed back) of the trained round of each session over several seeds."""
+        trainer = AdapterTrainer(model, replace(settings, lone_click_share=share), torch.device("cpu"))
+        seen = []
+        original = trainer._decode_each
+
+        def spy(emb, boxes, prompts):
+            seen.append([(p[0][0].shape[1], p[1] is not None) for p in prompts])
+            return original(emb, boxes, prompts)
+
+        trainer._decode_each = spy
+        out = []
+        for seed in range(6):
+            trainer.interactive_loss(items, np.random.default_rng(seed))
+            out += seen[-1]  # the last decode of a step is the trained one
+        return out
+
+    assert set(trained_prompts(1.0)) == {(1, False)}
+    assert any(fed for _, fed in trained_prompts(0.0)), "without the share later rounds are trained"
+
+
 def test_a_session_trains_the_chosen_rounds_end_to_end():
     """With every trained round a negative one when possible, a step still runs, yields a finite loss and
     gradients for the decoder's adapters only."""

@@ -12,6 +12,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import numpy as np
 from scipy import ndimage
 
@@ -58,27 +60,31 @@ def side_contact(mask: np.ndarray, box: Box) -> float:
 
 
 def pick_scale(
-    alone: np.ndarray,
-    alone_logits: np.ndarray,
+    clicked: Sequence[tuple[np.ndarray, float]],
     box_logits: np.ndarray,
     boxes: list[Box],
     max_contact: float,
-    alone_margin: float,
     pixel_area: float = 1.0,
 ) -> int:
-    """Which answer to a lone click to keep: -1 for the click alone, else ``i`` for ``box_logits[i]`` (the
-    answer to ``boxes[i]``). Answers that run into more than ``max_contact`` of their box's sides (the box
-    was too small: a fragment) are dropped; the most stable one wins, the click alone unless another beats
-    its stability by ``alone_margin`` / sqrt(its area), a small mask's stability being noisier.
-    ``pixel_area``: slice pixels per pixel of these arrays (the margin is in slice pixels)."""
-    best, best_score = -1, stability(alone_logits) + alone_margin / np.sqrt(max(1.0, alone.sum() * pixel_area))
+    """Which answer to a lone click to keep, as an index into ``clicked`` followed by ``box_logits``.
+    ``clicked``: answers to the click itself (logits, margin), e.g. the served adapter's and a lone-click
+    adapter's; each scores its stability plus margin / sqrt(its area), a small mask's stability being
+    noisier. ``box_logits[i]``: the answer to ``boxes[i]``, dropped when it runs into more than
+    ``max_contact`` of its box's sides (the box was too small: a fragment), else scored by its stability.
+    The highest score wins, the first of equals. ``pixel_area``: slice pixels per pixel of these arrays
+    (the margins are in slice pixels)."""
+    best, best_score = -1, -np.inf
+    for j, (logits, margin) in enumerate(clicked):
+        score = stability(logits) + margin / np.sqrt(max(1.0, (logits > 0).sum() * pixel_area))
+        if score > best_score:
+            best, best_score = j, score
     for i, box in enumerate(boxes):
         mask = box_logits[i] > 0
         if not mask.any() or side_contact(mask, box) > max_contact:
             continue
         score = stability(box_logits[i])
         if score > best_score:
-            best, best_score = i, score
+            best, best_score = len(clicked) + i, score
     return best
 
 

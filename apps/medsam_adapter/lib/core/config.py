@@ -108,6 +108,10 @@ class InferenceSettings:
     )
     lone_click_max_contact: float = 0.2
     lone_click_alone_margin: float = 3.0
+    # with the profile's lone_click_checkpoint (shipped adapters only): the lone-click adapters' answer to
+    # the click competes too, ahead unless another beats its stability by this margin / sqrt(its area)
+    lone_click_adapter: bool = True
+    lone_click_adapter_margin: float = 6.0
     # every foreground click inside the answer and every background click outside it (local repair)
     respect_clicks: bool = True
     # a correction click (previous logits fed back) changes the answer only in the regions connected to
@@ -142,6 +146,9 @@ class ModelProfile:
     adapter_checkpoint: Path | None = None  # default adapters shipped with the app (None: bare base model)
     # prompt-free head shipped with the app, loaded on top of whatever is served when that has no trained head
     auto_head_checkpoint: Path | None = None
+    # decoder-side adapters trained on lone clicks only, shipped with the app: while the shipped adapters
+    # serve, their answer to a lone click is one more candidate of the scale choice
+    lone_click_checkpoint: Path | None = None
     description: str = ""
     source: Path | None = None
 
@@ -218,6 +225,7 @@ def parse_profile(data: dict[str, Any], source: Path | None = None) -> ModelProf
     checkpoint = _path(data.pop("checkpoint", None), base, where, "checkpoint")
     adapter_checkpoint = _path(data.pop("adapter_checkpoint", None), base, where, "adapter_checkpoint")
     auto_head_checkpoint = _path(data.pop("auto_head_checkpoint", None), base, where, "auto_head_checkpoint")
+    lone_click_checkpoint = _path(data.pop("lone_click_checkpoint", None), base, where, "lone_click_checkpoint")
     adapters = _section(data, "adapters", AdapterSettings, where)
     if not 0 < adapters.ratio <= 1:
         raise ProfileError(f"{where}: [adapters].ratio must be in (0, 1], got {adapters.ratio}")
@@ -240,8 +248,9 @@ def parse_profile(data: dict[str, Any], source: Path | None = None) -> ModelProf
             raise ProfileError(f"{where}: [inference].{option} must be auto, always or never")
     check_encoder_runtime(inference.encoder_runtime, f"{where}: [inference].encoder_runtime")
     check_encoder_runtime(inference.decoder_runtime, f"{where}: [inference].decoder_runtime", DECODER_RUNTIMES)
-    if not inference.lone_click_alone_margin >= 0:
-        raise ProfileError(f"{where}: [inference].lone_click_alone_margin must be at least 0")
+    for option in ("lone_click_alone_margin", "lone_click_adapter_margin"):
+        if not getattr(inference, option) >= 0:
+            raise ProfileError(f"{where}: [inference].{option} must be at least 0")
     if not 0 <= inference.local_total_share <= 1:
         raise ProfileError(f"{where}: [inference].local_total_share must be between 0 and 1")
     trainable = data.pop("trainable", list(TRAINABLE_PARTS))
@@ -266,6 +275,7 @@ def parse_profile(data: dict[str, Any], source: Path | None = None) -> ModelProf
         labels=tuple(labels),
         adapter_checkpoint=adapter_checkpoint,
         auto_head_checkpoint=auto_head_checkpoint,
+        lone_click_checkpoint=lone_click_checkpoint,
         description=str(description),
         source=source,
     )

@@ -132,6 +132,8 @@ class InteractiveSegmenter:
         self.pinned_version: int | None = None  # rollback: serve this published version instead of the newest
         self._warned_missing = False
         self._bare: LoadedModel | None = None
+        self._lone: LoadedModel | None = None
+        self._lone_tried = False
 
     # -- model versions ---------------------------------------------------------------------------
     def _candidates(self) -> Iterator[tuple]:
@@ -242,13 +244,33 @@ class InteractiveSegmenter:
                     self._bare = self._build(BASE_SOURCE)
         return self._bare
 
+    def lone_click_model(self) -> LoadedModel | None:
+        """The profile's lone-click adapters (``lone_click_checkpoint``, built once), or None: without
+        them, with ``[inference] lone_click_adapter = false``, or when the file cannot be used (logged
+        once). Their answers share the served embedding only when they leave the encoder as it is."""
+        path = self.profile.lone_click_checkpoint
+        if path is None or not self.profile.inference.lone_click_adapter:
+            return None
+        if not self._lone_tried:
+            self.current()
+            with self._lock:
+                if not self._lone_tried:
+                    try:
+                        self._lone = self._build(("lone", 0, str(path), 0))
+                    except (CheckpointError, OSError) as e:
+                        logger.warning("profile %s: lone-click adapters %s not used: %s", self.profile.name, path, e)
+                    self._lone_tried = True
+        return self._lone
+
     def warm_up(self) -> None:
-        """Build the served and the bare model versions and their encoder and decoder runtimes now (the
-        server does this in the background at startup, so the first prompts do not pay for it)."""
-        for loaded in (self.current(), self.bare_model()):
-            for runtime in (loaded.encode, loaded.decode):
-                if runtime is not None and hasattr(runtime, "prepare"):
-                    runtime.prepare()
+        """Build the served, the bare and the lone-click model versions and their encoder and decoder
+        runtimes now (the server does this in the background at startup, so the first prompts do not pay
+        for it)."""
+        lone = self.lone_click_model()
+        runtimes = [self.current().encode, self.current().decode, self.bare_model().encode, self.bare_model().decode]
+        for runtime in runtimes + ([lone.decode] if lone is not None else []):  # lone clicks: decoder only
+            if runtime is not None and hasattr(runtime, "prepare"):
+                runtime.prepare()
 
     def served_adapters(self) -> Path | None:
         """The adapter checkpoint file behind the model served now (None: the bare base model)."""
@@ -258,8 +280,10 @@ class InteractiveSegmenter:
 
     # -- helpers ----------------------------------------------------------------------------------
     def predictor(self, loaded: LoadedModel) -> SlicePredictor:
+        # the lone-click adapters were trained next to the shipped ones: they join only while those serve
         return SlicePredictor(
-            loaded, self.embeddings, self.profile.preprocessing, self.profile.inference, self.device, self.bare_model
+            loaded, self.embeddings, self.profile.preprocessing, self.profile.inference, self.device, self.bare_model,
+            self.lone_click_model if loaded.shipped else None,
         )
 
     def window(self, volume: Volume, override: str | None = None) -> IntensityWindow:

@@ -60,11 +60,14 @@ class SlicePredictor:
         inference: InferenceSettings,
         device: torch.device | str = "cpu",
         bare: Callable[[], LoadedModel] | None = None,
+        lone: Callable[[], LoadedModel | None] | None = None,
     ) -> None:
         """``bare``: the bare base model (built on first use), whose answers to boxes alone are scale
-        candidates for a lone click when it shares the served model's embedding."""
+        candidates for a lone click when it shares the served model's embedding. ``lone``: the lone-click
+        adapters (None when there are none), whose answer to a lone click is one more candidate."""
         self.loaded = loaded
         self.bare = bare
+        self.lone = lone
         self.model = loaded.model
         self.cache = cache
         self.preprocessing = preprocessing
@@ -136,6 +139,9 @@ class SlicePredictor:
         bare = self.bare() if scaled and self.bare is not None else None  # built outside inference mode
         if bare is not None and bare.encoder_fingerprint != self.loaded.encoder_fingerprint:
             bare = None  # another embedding: its box answers would need their own encoder pass
+        lone = self.lone() if scaled and self.lone is not None else None
+        if lone is not None and lone.encoder_fingerprint != self.loaded.encoder_fingerprint:
+            lone = None
         with torch.inference_mode():
             out = self.loaded.decoder()(
                 embedding, points=points, boxes=boxes, mask_logits=mask_logits, multimask=multimask
@@ -146,7 +152,7 @@ class SlicePredictor:
             iou = float(out.iou[0, 0])
             if scaled:
                 mask, low_res, iou = self._scaled_click(
-                    embedding, frame, points, points_rc[0], spacing, bare, logits.cpu().numpy(), (mask, low_res, iou)
+                    embedding, frame, points, points_rc[0], spacing, bare, lone, (logits.cpu().numpy(), low_res, iou)
                 )
         if n_points:
             labels_np = np.asarray(point_labels).reshape(-1)
@@ -181,18 +187,25 @@ class SlicePredictor:
         click_rc: np.ndarray,
         spacing: tuple[float, float],
         bare: LoadedModel | None,
-        alone_logits: np.ndarray,
+        lone: LoadedModel | None,
         alone: tuple[np.ndarray, Tensor, float],
     ) -> tuple[np.ndarray, Tensor, float]:
-        """A lone click at its object's scale. Candidates: the click alone and the answers to square boxes
-        of ``lone_click_scales_mm`` around it — ``bare``'s (the bare base model's) to each box alone, or,
-        when there is no bare model on this embedding, the served model's to the click inside each box.
-        Answers that run into their box's sides (a fragment of something larger) are dropped; the most
-        stable answer (:func:`stability`) wins, the click alone unless another beats it by
-        ``lone_click_alone_margin`` / sqrt(its area in pixels): a small mask's stability is noisier.
-        Decoder only: one batched decoder pass."""
+        """A lone click at its object's scale. Candidates: the click alone (``alone``: slice logits,
+        low-res logits, IoU), the lone-click adapters' answer to it when there are some, and the answers
+        to square boxes of ``lone_click_scales_mm`` around it — ``bare``'s (the bare base model's) to each
+        box alone, or, when there is no bare model on this embedding, the served model's to the click
+        inside each box. Answers that run into their box's sides (a fragment of something larger) are
+        dropped; the most stable answer (:func:`stability`) wins, an answer to the click itself with a
+        margin / sqrt(its area in pixels): a small mask's stability is noisier. Decoder only."""
         settings = self.inference
-        shape = alone_logits.shape
+        shape = alone[0].shape
+        clicked = [alone]
+        margins = [settings.lone_click_alone_margin]
+        if lone is not None:
+            out = lone.decoder()(embedding, points=points).kept()
+            clicked.append((frame.logits_to_slice(out.low_res_logits)[0, 0].cpu().numpy(), out.low_res_logits,
+                            float(out.iou[0, 0])))
+            margins.append(settings.lone_click_adapter_margin)
         boxes = boxes_at_scales((int(click_rc[0]), int(click_rc[1])), spacing, shape, settings.lone_click_scales_mm)
         model_boxes = torch.as_tensor(
             np.stack([frame.box_to_model(*b) for b in boxes]), dtype=torch.float32, device=self.device
@@ -206,10 +219,12 @@ class SlicePredictor:
                 embedding, points=(xy.expand(n, -1, -1), labels.expand(n, -1)), boxes=model_boxes
             )
         logits = frame.logits_to_slice(out.low_res_logits)[:, 0].cpu().numpy()
-        i = pick_scale(alone[0], alone_logits, logits, boxes, settings.lone_click_max_contact,
-                       settings.lone_click_alone_margin)
-        if i < 0:
-            return alone
+        scored = [(c[0], m) for c, m in zip(clicked, margins, strict=True)]
+        i = pick_scale(scored, logits, boxes, settings.lone_click_max_contact)
+        if i < len(clicked):
+            answer_logits, low_res, iou = clicked[i]
+            return answer_logits > 0, low_res, iou
+        i -= len(clicked)
         return logits[i] > 0, out.low_res_logits[i : i + 1], float(out.iou[i, 0])
 
     def auto_probabilities(

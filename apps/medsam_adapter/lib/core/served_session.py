@@ -69,9 +69,9 @@ class ServedAnswers:
         out = self.bare.decode(embedding, boxes=self.model_boxes(boxes))
         logits = out.low_res_logits[:, 0].cpu().numpy()
         alone_np = alone[0, 0].cpu().numpy()
-        i = pick_scale(alone_np > 0, alone_np, logits, boxes, s.lone_click_max_contact, s.lone_click_alone_margin,
+        i = pick_scale([(alone_np, s.lone_click_alone_margin)], logits, boxes, s.lone_click_max_contact,
                        geometry.slice_pixels**2)
-        return alone if i < 0 else out.low_res_logits[i : i + 1]
+        return alone if i == 0 else out.low_res_logits[i - 1 : i]
 
     def correction(self, previous: Tensor, new: Tensor, clicks: list[tuple[int, int, int]]) -> Tensor:
         """The logits (1, 1, h, w) kept after a correction: ``new`` where :func:`local_correction` takes the

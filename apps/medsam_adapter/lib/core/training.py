@@ -73,6 +73,7 @@ class TrainSettings:
     multimask_single_click: bool = False  # three masks for a lone click, the best one trained (SAM)
     balance_object_sizes: bool = False  # draw objects evenly over size (log2 area) instead of uniformly
     val_clicks: int = 3  # validation Dice after this many clicks (with the box Dice: the score)
+    selection_metric: str = "score"  # the validation metric that picks the best epoch (e.g. click1_dice)
     cosine_schedule: bool = False  # learning rate decays to 0 over max_epochs (cosine)
     negative_click_share: float = 0.0  # how often the trained round is one ending in a negative click
     # how often a session started by a click trains its first answer, the lone click against the whole
@@ -492,7 +493,7 @@ class AdapterTrainer:
         )
         before = self.evaluate(val, feed_logits_before, s.val_clicks) if val else {}
         result = TrainResult(None, before, dict(before))
-        best_score = before.get("score", -math.inf)
+        best_score = before.get(s.selection_metric, -math.inf)
         best_state = None
         stale = 0
         # the model stays in eval mode: the trained parts have no dropout or batch norm, and train mode
@@ -526,7 +527,7 @@ class AdapterTrainer:
             entry = {"epoch": epoch, "loss": float(np.mean(losses)), **metrics}
             result.history.append(entry)
             result.epochs_run = epoch
-            score = metrics.get("score", -float(np.mean(losses)))
+            score = metrics.get(s.selection_metric, -float(np.mean(losses)))
             improved = score > best_score if val else True
             if distributed:  # rank 0 validates; every rank follows its decision
                 decision = torch.tensor([float(improved)])
