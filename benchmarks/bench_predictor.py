@@ -87,16 +87,23 @@ def decoder_runtimes(repeats: int) -> dict[str, float]:
     served = AdaptedSam.from_profile(profile)
     AdapterCheckpoint.load(profile.adapter_checkpoint).apply_to(served)
     bare = AdaptedSam.from_profile(replace(profile, adapter_checkpoint=None))
+    lone = None
+    if profile.lone_click_checkpoint is not None:  # the lone-click adapters' answer is a candidate too
+        lone = AdaptedSam.from_profile(profile)
+        AdapterCheckpoint.load(profile.lone_click_checkpoint).apply_to(lone)
     runtimes = {}
     for name in ("torch", "openvino_fp32"):
-        decoders = {m: RuntimeDecoder(m, name) for m in (served, bare)}
+        decoders = {m: RuntimeDecoder(m, name) for m in (served, bare, lone) if m is not None}
         used = {d.prepare() for d in decoders.values()}
         if used != {name}:
             raise SystemExit(f"decoder runtime {name} unavailable: {[d.failure for d in decoders.values()]}")
-        bare_loaded = LoadedModel(bare, 0, "base", decode=decoders[bare])
-        runtimes[name] = SlicePredictor(LoadedModel(served, 0, "shipped", shipped=True, decode=decoders[served]),
+        # one embedding for all three, as served: the adapters are decoder-side
+        bare_loaded = LoadedModel(bare, 0, "lite_medsam:base", decode=decoders[bare])
+        lone_loaded = None if lone is None else LoadedModel(lone, 0, "lite_medsam:base", decode=decoders[lone])
+        runtimes[name] = SlicePredictor(LoadedModel(served, 0, "lite_medsam:base", shipped=True,
+                                                    decode=decoders[served]),
                                         EmbeddingCache(512), profile.preprocessing, profile.inference,
-                                        bare=lambda b=bare_loaded: b)
+                                        bare=lambda b=bare_loaded: b, lone=lambda x=lone_loaded: x)
     image = load_volume(ROOT / "sample-data" / "abdomen_ct.nii.gz")
     label = load_volume(ROOT / "sample-data" / "reference" / "abdomen_ct.nii.gz")
     view = SliceView.from_affine(image.affine, 2)
