@@ -194,7 +194,8 @@ def main() -> None:
             if name == "with_embedding_cache":
                 report["propagation_3d_spleen"] = propagation_3d(server.url, spleen_box())
             if name == "baseline_reencode_every_click" and args.repeats_3d > 0:
-                runs = [propagation_3d(server.url, spleen_box()) for _ in range(args.repeats_3d)]
+                roi = spleen_box()
+                runs = [propagation_3d(server.url, roi) for _ in range(args.repeats_3d)]
                 report["propagation_3d_spleen_uncached"] = {
                     "runs": runs,
                     "per_slice_ms_median": statistics.median(r["per_slice_ms"] for r in runs),

@@ -126,7 +126,10 @@ def test_train_options_parse_like_clients_send_them():
     )
     assert settings.max_epochs == 3 and settings.learning_rate == 0.001 and settings.val_fraction == 0.25
     assert settings.train_encoder_adapters is False and publish == "always"
-    for bad in ({"max_epochs": "many"}, {"max_epochs": 0}, {"learning_rate": -1}, {"publish": "sometimes"}):
+    chosen, _ = AdapterTrainTask.settings_from_request({"selection_metric": "click1_dice"})
+    assert chosen.selection_metric == "click1_dice"
+    for bad in ({"max_epochs": "many"}, {"max_epochs": 0}, {"learning_rate": -1}, {"publish": "sometimes"},
+                {"selection_metric": "loss"}, {"lone_click_share": 1.5}):
         with pytest.raises(TrainingDataError):
             AdapterTrainTask.settings_from_request(bad)
 

@@ -266,8 +266,8 @@ class InteractiveSegmenter:
         """Build the served, the bare and the lone-click model versions and their encoder and decoder
         runtimes now (the server does this in the background at startup, so the first prompts do not pay
         for it)."""
+        runtimes = [r for loaded in (self.current(), self.bare_model()) for r in (loaded.encode, loaded.decode)]
         lone = self.lone_click_model()
-        runtimes = [self.current().encode, self.current().decode, self.bare_model().encode, self.bare_model().decode]
         for runtime in runtimes + ([lone.decode] if lone is not None else []):  # lone clicks: decoder only
             if runtime is not None and hasattr(runtime, "prepare"):
                 runtime.prepare()

@@ -136,12 +136,8 @@ class SlicePredictor:
         alone = lone_click(points, boxes, mask_logits) and int(point_labels.reshape(-1)[0]) == 1
         multimask = (mode == "always" or (mode == "auto" and self.model.trained_multimask_single_click)) and alone
         scaled = alone and bool(self.inference.lone_click_scales_mm)
-        bare = self.bare() if scaled and self.bare is not None else None  # built outside inference mode
-        if bare is not None and bare.encoder_fingerprint != self.loaded.encoder_fingerprint:
-            bare = None  # another embedding: its box answers would need their own encoder pass
-        lone = self.lone() if scaled and self.lone is not None else None
-        if lone is not None and lone.encoder_fingerprint != self.loaded.encoder_fingerprint:
-            lone = None
+        bare = self._on_this_embedding(self.bare) if scaled else None  # built outside inference mode
+        lone = self._on_this_embedding(self.lone) if scaled else None
         with torch.inference_mode():
             out = self.loaded.decoder()(
                 embedding, points=points, boxes=boxes, mask_logits=mask_logits, multimask=multimask
@@ -179,6 +175,12 @@ class SlicePredictor:
             timings_ms={"encoder": 0.0 if cached else enc_ms, "decoder": dec_ms},
         )
 
+    def _on_this_embedding(self, version: Callable[[], LoadedModel | None] | None) -> LoadedModel | None:
+        """The model version ``version`` gives when it shares this model's embedding, else None (another
+        embedding: its answers would need their own encoder pass)."""
+        loaded = version() if version is not None else None
+        return loaded if loaded is not None and loaded.encoder_fingerprint == self.loaded.encoder_fingerprint else None
+
     def _scaled_click(
         self,
         embedding: Tensor,
@@ -199,13 +201,12 @@ class SlicePredictor:
         margin / sqrt(its area in pixels): a small mask's stability is noisier. Decoder only."""
         settings = self.inference
         shape = alone[0].shape
-        clicked = [alone]
-        margins = [settings.lone_click_alone_margin]
+        clicked = [(alone, settings.lone_click_alone_margin)]  # answers to the click itself, with their margins
         if lone is not None:
             out = lone.decoder()(embedding, points=points).kept()
-            clicked.append((frame.logits_to_slice(out.low_res_logits)[0, 0].cpu().numpy(), out.low_res_logits,
-                            float(out.iou[0, 0])))
-            margins.append(settings.lone_click_adapter_margin)
+            answer = (frame.logits_to_slice(out.low_res_logits)[0, 0].cpu().numpy(), out.low_res_logits,
+                      float(out.iou[0, 0]))
+            clicked.append((answer, settings.lone_click_adapter_margin))
         boxes = boxes_at_scales((int(click_rc[0]), int(click_rc[1])), spacing, shape, settings.lone_click_scales_mm)
         model_boxes = torch.as_tensor(
             np.stack([frame.box_to_model(*b) for b in boxes]), dtype=torch.float32, device=self.device
@@ -219,10 +220,10 @@ class SlicePredictor:
                 embedding, points=(xy.expand(n, -1, -1), labels.expand(n, -1)), boxes=model_boxes
             )
         logits = frame.logits_to_slice(out.low_res_logits)[:, 0].cpu().numpy()
-        scored = [(c[0], m) for c, m in zip(clicked, margins, strict=True)]
-        i = pick_scale(scored, logits, boxes, settings.lone_click_max_contact)
+        i = pick_scale([(answer[0], margin) for answer, margin in clicked], logits, boxes,
+                       settings.lone_click_max_contact)
         if i < len(clicked):
-            answer_logits, low_res, iou = clicked[i]
+            answer_logits, low_res, iou = clicked[i][0]
             return answer_logits > 0, low_res, iou
         i -= len(clicked)
         return logits[i] > 0, out.low_res_logits[i : i + 1], float(out.iou[i, 0])

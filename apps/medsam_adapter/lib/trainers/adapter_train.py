@@ -132,6 +132,11 @@ class AdapterTrainTask(TrainTask):
         settings = TrainSettings(**kwargs)
         if settings.max_epochs < 1 or settings.learning_rate <= 0 or not 0 <= settings.val_fraction < 1:
             raise TrainingDataError("train options: max_epochs >= 1, learning_rate > 0, 0 <= val_split < 1")
+        metrics = ("score", "box_dice", "click1_dice", f"click{settings.val_clicks}_dice", "auto_dice")
+        if settings.selection_metric not in metrics:
+            raise TrainingDataError(f"train option 'selection_metric' must be one of {list(dict.fromkeys(metrics))}")
+        if not 0 <= settings.lone_click_share <= 1:
+            raise TrainingDataError("train option 'lone_click_share' must be between 0 and 1")
         problem = design_option_problem(asdict(settings))
         if problem:
             raise TrainingDataError(problem)
