@@ -241,7 +241,7 @@ def peak_rss_of(runtime: str, cache_dir: Path | None) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--repeats", type=int, default=7)
-    parser.add_argument("--runtimes", default="torch,torch_bf16,openvino_fp32,openvino_bf16")
+    parser.add_argument("--runtimes", default="torch,torch_bf16,openvino_fp32,openvino_mixed,openvino_bf16")
     parser.add_argument("--fresh", action="store_true", help="export into an empty cache folder (export time)")
     parser.add_argument("--torch-options", action="store_true", help="also time channels-last, compile, int8")
     parser.add_argument("--int8", action="store_true", help="also OpenVINO int8 via NNCF (pip install nncf)")

@@ -274,11 +274,20 @@ def test_fresh_install_answers_medsam_auto_on_the_abdomen_ct(server, tmp_path):
     assert agreement["liver"] > 0.7 and agreement["spleen"] > 0.5
 
 
-def test_unknown_design_in_a_train_request_is_a_422_before_a_round(server):
-    for body in ({"adapter_design": "lora"}, {"head": "vit", "max_epochs": 1}):
+def test_bad_train_options_are_a_422_before_a_round(server):
+    bad = (
+        ({"adapter_design": "lora"}, "unknown"),
+        ({"head": "vit", "max_epochs": 1}, "unknown"),
+        ({"selection_metric": "f1"}, "selection_metric"),
+        ({"lone_click_share": 2}, "lone_click_share"),
+        ({"max_epochs": 0}, "max_epochs"),
+        ({"learning_rate": "fast"}, "learning_rate"),
+        ({"publish": "never"}, "publish"),
+    )
+    for body, named in bad:
         response = requests.post(f"{server.url}/train/medsam", json=body, timeout=60)
         assert response.status_code == 422, response.text
-        assert "unknown" in response.json()["detail"]
+        assert named in response.json()["detail"], (body, response.text)
     status = requests.get(f"{server.url}/train/", params={"check_if_running": True}, timeout=30)
     assert status.status_code == 404, status.text  # no round was started
 

@@ -5,7 +5,8 @@ Options (``--conf KEY VALUE``):
   device   cpu | cuda (default: cuda when available)
   embedding_cache_mb   override the profiles' embedding cache size (0 re-encodes on every click)
   adapter_version      serve this published adapter version instead of the newest (rollback)
-  encoder_runtime      auto (default) | torch | torch_bf16 | torch_fp16 | openvino_fp32 | openvino_bf16:
+  encoder_runtime      auto (default) | torch | torch_bf16 | torch_fp16 | openvino_fp32 | openvino_bf16 |
+                       openvino_mixed:
                        overrides the profiles' [inference] encoder_runtime (lib/serving/runtimes.py)
   decoder_runtime      auto (default) | torch | openvino_fp32: overrides [inference] decoder_runtime
                        (lib/serving/decoder_runtime.py)

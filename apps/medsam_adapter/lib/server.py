@@ -37,10 +37,11 @@ from monailabel.interfaces.exception import (
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 
-from lib.core.config import design_option_problem
+from lib.core.training import TrainingDataError
 from lib.datastore import max_upload_mb
 from lib.ohif import install as install_ohif
 from lib.serving.infer_route import install as install_serving
+from lib.trainers.adapter_train import AdapterTrainTask
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -68,12 +69,19 @@ def json_field_problem(name: str, value: object) -> str | None:
 
 
 def train_options_problem(body: bytes) -> str | None:
-    """Why a train request's JSON options name an unknown adapter design or head (None otherwise)."""
+    """Why a train request's JSON options would fail the round (None otherwise): the train task's own
+    parsing (types, ranges, selection metric, adapter design and head), applied to the request alone."""
     try:
         options = json.loads(body) if body.strip() else {}
     except (json.JSONDecodeError, UnicodeDecodeError):
         return None  # MONAI Label's own parsing answers malformed bodies
-    return design_option_problem(options) if isinstance(options, dict) else None
+    if not isinstance(options, dict):
+        return None
+    try:
+        AdapterTrainTask.settings_from_request(options)
+    except TrainingDataError as e:
+        return str(e)
+    return None
 
 
 class RequestGuard:

@@ -8,6 +8,9 @@ so a freshly adapted model computes exactly what the base model computes.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 import torch
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
@@ -51,9 +54,15 @@ class BottleneckAdapter(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         return self.up(self.act(self.down(x)))
 
+    def inert(self) -> bool:
+        """Whether the adapter adds exactly zero whatever its input (up-projection all zero: untrained)."""
+        return not (self.up.weight.any() or self.up.bias.any())
+
 
 class SerialAdapter(Wrapped):
     """``y = f(...); y + adapter(y)`` — an adapter on the output of ``f``."""
+
+    skip_adapter = False  # set by :func:`inert_adapters_skipped` only
 
     def __init__(self, inner: nn.Module, dim: int, ratio: float) -> None:
         super().__init__()
@@ -62,11 +71,13 @@ class SerialAdapter(Wrapped):
 
     def forward(self, *args: Tensor, **kwargs: Tensor) -> Tensor:
         y = self.inner(*args, **kwargs)
-        return y + self.adapter(y)
+        return y if self.skip_adapter else y + self.adapter(y)
 
 
 class ParallelAdapter(Wrapped):
     """``f(x) + scale * adapter(x)`` — an adapter beside ``f``."""
+
+    skip_adapter = False  # set by :func:`inert_adapters_skipped` only
 
     def __init__(self, inner: nn.Module, dim: int, ratio: float, scale: float) -> None:
         super().__init__()
@@ -75,7 +86,22 @@ class ParallelAdapter(Wrapped):
         self.scale = scale
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.inner(x) + self.scale * self.adapter(x)
+        return self.inner(x) if self.skip_adapter else self.inner(x) + self.scale * self.adapter(x)
+
+
+@contextmanager
+def inert_adapters_skipped(module: nn.Module) -> Iterator[int]:
+    """Within the block, adapters inside ``module`` that add exactly zero (:meth:`BottleneckAdapter.inert`)
+    are not computed, for exporting an inference graph without their work (the output is the same);
+    yields how many. Training never sees the flag: it is cleared on exit."""
+    wrappers = [m for m in module.modules() if isinstance(m, SerialAdapter | ParallelAdapter) and m.adapter.inert()]
+    for m in wrappers:
+        m.skip_adapter = True
+    try:
+        yield len(wrappers)
+    finally:
+        for m in wrappers:
+            m.skip_adapter = False
 
 
 def _first_linear_in(module: nn.Module) -> int:

@@ -18,8 +18,8 @@ TRAINABLE_PARTS = (
     "prompt_free_head",
 )
 INTENSITY_MODES = ("auto", "ct", "percentile", "minmax")
-# image-encoder runtimes (lib/serving/runtimes.py); auto: the fastest verified one on this machine
-ENCODER_RUNTIMES = ("auto", "torch", "torch_bf16", "torch_fp16", "openvino_fp32", "openvino_bf16")
+# image-encoder runtimes (lib/serving/runtimes.py); auto: OpenVINO fp32 on a CPU where installed
+ENCODER_RUNTIMES = ("auto", "torch", "torch_bf16", "torch_fp16", "openvino_fp32", "openvino_bf16", "openvino_mixed")
 # mask-decoder runtimes (lib/serving/decoder_runtime.py); auto: OpenVINO fp32 on a CPU where installed
 DECODER_RUNTIMES = ("auto", "torch", "openvino_fp32")
 # adapter designs (lib/core/adapters.py): msa = Medical SAM Adapter (default), samus = SAMUS's encoder parts,

@@ -26,8 +26,10 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+from ..core.adapters import inert_adapters_skipped
 from ..core.model import AdaptedSam, Decoded
 from .runtimes import (
+    GRAPH_VERSION,
     ExportedGraph,
     RuntimeUnavailable,
     _openvino_core,
@@ -46,7 +48,7 @@ def decoder_key(model: AdaptedSam) -> str:
     the adapter settings."""
     digest = hashlib.blake2b(digest_size=16)
     header = {"backbone": model.backbone_name, "base_sha256": model.base_sha256,
-              "adapters": model.adapter_settings.as_dict(), "part": "mask_decoder"}
+              "adapters": model.adapter_settings.as_dict(), "part": "mask_decoder", "graph": GRAPH_VERSION}
     digest.update(json.dumps(header, sort_keys=True).encode())
     for name, tensor in sorted(model.mask_decoder.state_dict().items()):
         digest.update(f"|{name}|{tuple(tensor.shape)}|{tensor.dtype}|".encode())
@@ -106,7 +108,8 @@ class ExportedDecoder(ExportedGraph):
         sparse, dense = self.model.encode_prompts(prompts["points"], None, prompts["mask_logits"])
         example = (embedding, self.model.prompt_encoder.get_dense_pe(), sparse, dense)
         shapes = [openvino.PartialShape(s) for s in self.input_spec()]
-        return openvino.convert_model(_DecodeModule(self.model).eval(), example_input=example, input=shapes)
+        with inert_adapters_skipped(self.model.mask_decoder):  # the bare model's: they add nothing
+            return openvino.convert_model(_DecodeModule(self.model).eval(), example_input=example, input=shapes)
 
 
 class OpenVinoDecoder:

@@ -1,0 +1,140 @@
+"""The ``openvino_mixed`` encoder runtime: the encoder's early stages in fp32, the rest in bf16.
+
+Measured on the shipped scans (``benchmarks/bench_encoder.py``): running the whole TinyViT encoder in
+bf16 changes masks beyond the bar (mean Dice against fp32 masks 0.987), and most of that error comes from
+the early, high-resolution stages; with the patch embedding and the first two stages in fp32 and the
+last two stages and the neck in bf16, masks keep mean Dice 0.996 while the encoder takes ~0.75x of
+fp32's time on a CPU with native bf16 (avx512_bf16). OpenVINO's CPU plugin sets one inference precision
+per compiled graph, so the encoder is exported as two graphs (``head`` and ``tail``, each cached and
+checked like the whole encoder's graph) and run one after the other. Opt-in: on the evaluation suite's
+323 held-out sessions it moved the 3-click Dice by 0.0056 (README, "Encoder runtimes"), above the 0.005
+the default runtime may move it.
+
+Only TinyViT encoders (``lite_medsam``) are split; others, and the ``depth`` design, raise
+:class:`RuntimeUnavailable` (the next runtime in line serves).
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from ..core.adapters import inert_adapters_skipped
+from ..core.model import AdaptedSam
+from .runtimes import ExportedGraph, RuntimeUnavailable, _openvino_core, probe_input
+
+HEAD_STAGES = 2  # TinyViT stages (of 4) that stay in fp32, with the patch embedding
+
+
+def _stages(model: AdaptedSam) -> tuple[nn.Module, list[nn.Module], nn.Module]:
+    """(patch embedding, stages, neck) of a TinyViT encoder; RuntimeUnavailable for other encoders."""
+    encoder = model.image_encoder
+    if model.depth_slices != 1:
+        raise RuntimeUnavailable("openvino_mixed: the depth design's slice stacks are not split")
+    parts = [getattr(encoder, name, None) for name in ("patch_embed", "layers", "neck")]
+    if not all(isinstance(p, nn.Module) for p in parts) or len(parts[1]) <= HEAD_STAGES:
+        raise RuntimeUnavailable(f"openvino_mixed splits TinyViT encoders only, not {type(encoder).__name__}")
+    return parts[0], list(parts[1]), parts[2]
+
+
+class EncoderHead(nn.Module):
+    """Pixel normalisation, patch embedding and the first stages: (1, 3, S, S) -> tokens (1, N, C)."""
+
+    def __init__(self, model: AdaptedSam) -> None:
+        super().__init__()
+        self.model = model
+        patch_embed, stages, _ = _stages(model)
+        self.patch_embed, self.stages = patch_embed, nn.ModuleList(stages[:HEAD_STAGES])
+
+    def forward(self, image01: Tensor) -> Tensor:
+        x = image01
+        if self.model.normalize_pixels:
+            x = (x * 255.0 - self.model.pixel_mean) / self.model.pixel_std
+        x = self.patch_embed(x)
+        for stage in self.stages:
+            x = stage(x)
+        return x
+
+
+class EncoderTail(nn.Module):
+    """The remaining stages and the neck: tokens (1, N, C) -> embedding (1, 256, 64, 64)."""
+
+    def __init__(self, model: AdaptedSam) -> None:
+        super().__init__()
+        _, stages, neck = _stages(model)
+        self.stages, self.neck = nn.ModuleList(stages[HEAD_STAGES:]), neck
+
+    def forward(self, tokens: Tensor) -> Tensor:
+        x = tokens
+        for stage in self.stages:
+            x = stage(x)
+        b, n, c = (int(v) for v in x.shape)  # constants in the trace: the graph has a fixed input size
+        side = math.isqrt(n)
+        return self.neck(x.view(b, side, side, c).permute(0, 3, 1, 2))
+
+
+class ExportedEncoderPart(ExportedGraph):
+    """One part (``head`` or ``tail``) of the encoder as OpenVINO IR, cached like the whole encoder."""
+
+    def __init__(self, model: AdaptedSam, cache_dir: Path, key: str, part: str) -> None:
+        self.part = part
+        self.stem = f"encoder_{part}"
+        self.folder_tag = f"-{part}"
+        super().__init__(model, cache_dir, key)
+        self._example: Tensor | None = None
+
+    def example(self) -> Tensor:
+        """The part's input for tracing: the probe image, or the head's tokens of it."""
+        if self._example is None:
+            probe = probe_input(self.model).to(self.model.device)
+            with torch.inference_mode():
+                self._example = probe if self.part == "head" else EncoderHead(self.model).eval()(probe)
+        return self._example
+
+    def input_spec(self) -> list:
+        return list(self.example().shape)
+
+    def convert(self, openvino):
+        module = (EncoderHead if self.part == "head" else EncoderTail)(self.model).eval()
+        example = self.example()
+        with inert_adapters_skipped(self.model.image_encoder):
+            return openvino.convert_model(module, example_input=example, input=[tuple(example.shape)])
+
+
+class MixedOpenVinoEncoder:
+    """Runs the head graph (fp32) then the tail graph (bf16) on (B, 3, S, S), one item at a time, thread-safe."""
+
+    def __init__(self, head, tail) -> None:
+        self._head, self._tail = head.create_infer_request(), tail.create_infer_request()
+        self._lock = threading.Lock()
+
+    def __call__(self, image01: Tensor) -> Tensor:
+        items = image01.detach().to("cpu", torch.float32).contiguous().numpy()
+        out = []
+        with self._lock:
+            for item in items:
+                tokens = self._head.infer({0: item[None]})[0]
+                out.append(torch.from_numpy(self._tail.infer({0: tokens})[0].copy()))
+        return torch.cat(out).to(image01.device)
+
+
+def build_mixed(model: AdaptedSam, cache_dir: Path, key: str) -> tuple[MixedOpenVinoEncoder, bool]:
+    """The mixed-precision encoder for ``model`` (parts read from the cache or exported now) and whether
+    a part was exported now."""
+    threads = max(1, torch.get_num_threads())
+    core = _openvino_core()
+    parts = {p: ExportedEncoderPart(model, cache_dir, key, p) for p in ("head", "tail")}
+    compiled = {
+        p: core.compile_model(
+            graph.read(),
+            "CPU",
+            {"INFERENCE_PRECISION_HINT": precision, "PERFORMANCE_HINT": "LATENCY", "INFERENCE_NUM_THREADS": threads},
+        )
+        for (p, graph), precision in zip(parts.items(), ("f32", "bf16"), strict=True)
+    }
+    exported = any(graph.export_s is not None for graph in parts.values())
+    return MixedOpenVinoEncoder(compiled["head"], compiled["tail"]), exported
