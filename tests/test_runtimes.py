@@ -257,14 +257,15 @@ def test_exported_graphs_leave_out_only_the_adapters_that_add_nothing(tmp_path):
     assert built.name == "openvino_fp32" and built.probe_error < 1e-4
 
 
-def test_the_mixed_runtimes_split_is_the_encoder_and_only_tinyvit_is_split():
+def test_the_mixed_runtimes_split_is_the_encoder_and_only_the_msa_design_is_split():
     model = tiny_model().eval()
     x = runtimes.probe_image(256)
     with torch.inference_mode():
         torch.testing.assert_close(EncoderTail(model)(EncoderHead(model)(x)), model.encode(x), rtol=0, atol=0)
-    depth = AdaptedSam(build_backbone("tiny"), AdapterSettings(design="depth"))
-    with pytest.raises(runtimes.RuntimeUnavailable, match="depth"):
-        EncoderHead(depth)
+    for design in ("depth", "samus"):  # slice stacks; an image passed around the module graph
+        other = AdaptedSam(build_backbone("tiny"), AdapterSettings(design=design))
+        with pytest.raises(runtimes.RuntimeUnavailable, match=design):
+            EncoderHead(other)
 
 
 @needs_openvino

@@ -10,7 +10,7 @@ checked like the whole encoder's graph) and run one after the other. Opt-in: on 
 323 held-out sessions it moved the 3-click Dice by 0.0056 (README, "Encoder runtimes"), above the 0.005
 the default runtime may move it.
 
-Only TinyViT encoders (``lite_medsam``) are split; others, and the ``depth`` design, raise
+Only TinyViT encoders (``lite_medsam``) with the ``msa`` design are split; others raise
 :class:`RuntimeUnavailable` (the next runtime in line serves).
 """
 
@@ -33,8 +33,10 @@ HEAD_STAGES = 2  # TinyViT stages (of 4) that stay in fp32, with the patch embed
 def _stages(model: AdaptedSam) -> tuple[nn.Module, list[nn.Module], nn.Module]:
     """(patch embedding, stages, neck) of a TinyViT encoder; RuntimeUnavailable for other encoders."""
     encoder = model.image_encoder
-    if model.depth_slices != 1:
-        raise RuntimeUnavailable("openvino_mixed: the depth design's slice stacks are not split")
+    if model.adapter_settings.design != "msa":
+        # depth mixes slice stacks; samus's CNN branch passes the image from the patch embedding to the
+        # neck outside the module graph, so a split trace would freeze the probe's image into the tail
+        raise RuntimeUnavailable(f"openvino_mixed splits the msa design only, not {model.adapter_settings.design!r}")
     parts = [getattr(encoder, name, None) for name in ("patch_embed", "layers", "neck")]
     if not all(isinstance(p, nn.Module) for p in parts) or len(parts[1]) <= HEAD_STAGES:
         raise RuntimeUnavailable(f"openvino_mixed splits TinyViT encoders only, not {type(encoder).__name__}")
