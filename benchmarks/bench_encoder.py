@@ -214,12 +214,12 @@ def batch_costs(model: AdaptedSam, x: torch.Tensor, batches: list[int], repeats:
             graph = openvino.convert_model(runtimes._EncodeModule(model).eval(), example_input=example,
                                            input=[tuple(example.shape)])
         requests[b] = (runtimes.compile_openvino(graph, "fp32"), example)
-        requests[b][0]._request.infer({0: example.numpy()})  # warm-up (the whole batch in one call)
+        requests[b][0]._requests[0].infer({0: example.numpy()})  # warm-up (the whole batch in one call)
     times: dict[int, list[float]] = {b: [] for b in batches}
     for _ in range(repeats):
         for b, (encode, example) in requests.items():
             start = time.perf_counter()
-            encode._request.infer({0: example.numpy()})
+            encode._requests[0].infer({0: example.numpy()})
             times[b].append((time.perf_counter() - start) * 1e3 / b)
     return {b: round(statistics.median(t), 1) for b, t in times.items()}
 

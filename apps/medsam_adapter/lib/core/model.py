@@ -142,13 +142,18 @@ class AdaptedSam(nn.Module):
         """Slices each embedding is encoded from: 3 (k-1, k, k+1) for the ``depth`` design, else 1."""
         return DEPTH_SLICES if self.depth else 1
 
+    def normalized(self, image01: Tensor) -> Tensor:
+        """``image01`` as the image encoder takes it: SAM's pixel normalisation where the backbone has one."""
+        if self.normalize_pixels:
+            return (image01 * 255.0 - self.pixel_mean) / self.pixel_std
+        return image01
+
     def encode(self, image01: Tensor) -> Tensor:
         """Image embedding for a batch of [0, 1] RGB images (B, 3, S, S), or of slice stacks
         (B, D, 3, S, S) whose middle slice is embedded (with its neighbours' context when the design
         is ``depth``, which encodes a single slice as a stack of copies; other designs encode the middle
         slice alone)."""
-        if self.normalize_pixels:
-            image01 = (image01 * 255.0 - self.pixel_mean) / self.pixel_std
+        image01 = self.normalized(image01)
         if self.depth:
             return encode_stack(self.image_encoder, image01)
         if image01.dim() == 5:

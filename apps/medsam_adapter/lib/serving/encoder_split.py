@@ -17,7 +17,6 @@ Only TinyViT encoders (``lite_medsam``) with the ``msa`` design are split; other
 from __future__ import annotations
 
 import math
-import threading
 from pathlib import Path
 
 import torch
@@ -25,7 +24,7 @@ from torch import Tensor, nn
 
 from ..core.adapters import inert_adapters_skipped
 from ..core.model import AdaptedSam
-from .runtimes import ExportedGraph, RuntimeUnavailable, _openvino_core, probe_input
+from .runtimes import ExportedGraph, OpenVinoEncoder, RuntimeUnavailable, compile_graph, probe_input
 
 HEAD_STAGES = 2  # TinyViT stages (of 4) that stay in fp32, with the patch embedding
 
@@ -53,10 +52,7 @@ class EncoderHead(nn.Module):
         self.patch_embed, self.stages = patch_embed, nn.ModuleList(stages[:HEAD_STAGES])
 
     def forward(self, image01: Tensor) -> Tensor:
-        x = image01
-        if self.model.normalize_pixels:
-            x = (x * 255.0 - self.model.pixel_mean) / self.model.pixel_std
-        x = self.patch_embed(x)
+        x = self.patch_embed(self.model.normalized(image01))
         for stage in self.stages:
             x = stage(x)
         return x
@@ -107,36 +103,9 @@ class ExportedEncoderPart(ExportedGraph):
             return openvino.convert_model(module, example_input=example, input=[tuple(example.shape)])
 
 
-class MixedOpenVinoEncoder:
-    """Runs the head graph (fp32) then the tail graph (bf16) on (B, 3, S, S), one item at a time, thread-safe."""
-
-    def __init__(self, head, tail) -> None:
-        self._head, self._tail = head.create_infer_request(), tail.create_infer_request()
-        self._lock = threading.Lock()
-
-    def __call__(self, image01: Tensor) -> Tensor:
-        items = image01.detach().to("cpu", torch.float32).contiguous().numpy()
-        out = []
-        with self._lock:
-            for item in items:
-                tokens = self._head.infer({0: item[None]})[0]
-                out.append(torch.from_numpy(self._tail.infer({0: tokens})[0].copy()))
-        return torch.cat(out).to(image01.device)
-
-
-def build_mixed(model: AdaptedSam, cache_dir: Path, key: str) -> tuple[MixedOpenVinoEncoder, bool]:
+def build_mixed(model: AdaptedSam, cache_dir: Path, key: str) -> tuple[OpenVinoEncoder, bool]:
     """The mixed-precision encoder for ``model`` (parts read from the cache or exported now) and whether
     a part was exported now."""
-    threads = max(1, torch.get_num_threads())
-    core = _openvino_core()
-    parts = {p: ExportedEncoderPart(model, cache_dir, key, p) for p in ("head", "tail")}
-    compiled = {
-        p: core.compile_model(
-            graph.read(),
-            "CPU",
-            {"INFERENCE_PRECISION_HINT": precision, "PERFORMANCE_HINT": "LATENCY", "INFERENCE_NUM_THREADS": threads},
-        )
-        for (p, graph), precision in zip(parts.items(), ("f32", "bf16"), strict=True)
-    }
-    exported = any(graph.export_s is not None for graph in parts.values())
-    return MixedOpenVinoEncoder(compiled["head"], compiled["tail"]), exported
+    head, tail = (ExportedEncoderPart(model, cache_dir, key, p) for p in ("head", "tail"))
+    encode = OpenVinoEncoder(compile_graph(head.read(), "fp32"), compile_graph(tail.read(), "bf16"))
+    return encode, head.export_s is not None or tail.export_s is not None

@@ -415,32 +415,38 @@ def prune_cache(cache_dir: Path, keep: int = KEEP_CACHED) -> list[Path]:
 
 
 class OpenVinoEncoder:
-    """Runs a compiled OpenVINO encoder on (B, 3, S, S) batches (``depth``: (B, D, 3, S, S)), one item at
-    a time, thread-safe."""
+    """Runs compiled OpenVINO graphs on (B, 3, S, S) batches (``depth``: (B, D, 3, S, S)), one item at a
+    time, each graph's output the next one's input (one graph, or ``openvino_mixed``'s two), thread-safe."""
 
-    def __init__(self, compiled) -> None:
-        self.compiled = compiled
-        self._request = compiled.create_infer_request()
-        self._lock = threading.Lock()  # one infer request: OpenVINO runs one at a time anyway (latency hint)
+    def __init__(self, *compiled) -> None:
+        self._requests = [c.create_infer_request() for c in compiled]
+        self._lock = threading.Lock()  # one infer request each: OpenVINO runs one at a time anyway (latency hint)
 
     def __call__(self, image01: Tensor) -> Tensor:
         items = image01.detach().to("cpu", torch.float32).contiguous().numpy()
         out = []
         with self._lock:
             for item in items:
-                result = self._request.infer({0: item[None]})
-                out.append(torch.from_numpy(result[0].copy()))
+                value = item[None]
+                for request in self._requests:
+                    value = request.infer({0: value})[0]
+                out.append(torch.from_numpy(value.copy()))
         return torch.cat(out).to(image01.device)
 
 
-def compile_openvino(ov_model, precision: str) -> OpenVinoEncoder:
-    """Compile the IR for the CPU at ``precision`` with torch's thread count, tuned for latency."""
+def compile_graph(ov_model, precision: str):
+    """The IR compiled for the CPU at ``precision`` with torch's thread count, tuned for latency."""
     config = {
         "INFERENCE_PRECISION_HINT": {"fp32": "f32", "bf16": "bf16", "fp16": "f16"}[precision],
         "PERFORMANCE_HINT": "LATENCY",
         "INFERENCE_NUM_THREADS": max(1, torch.get_num_threads()),
     }
-    return OpenVinoEncoder(_openvino_core().compile_model(ov_model, "CPU", config))
+    return _openvino_core().compile_model(ov_model, "CPU", config)
+
+
+def compile_openvino(ov_model, precision: str) -> OpenVinoEncoder:
+    """An encoder running the IR compiled by :func:`compile_graph`."""
+    return OpenVinoEncoder(compile_graph(ov_model, precision))
 
 
 # -- choosing and verifying ---------------------------------------------------------------------------
