@@ -259,7 +259,9 @@ def main() -> None:
         print("openvino not installed: OpenVINO runtimes skipped")
     cache_dir = Path(tempfile.mkdtemp(prefix="runtime_cache_")) if args.fresh else None
     print(f"torch {torch.__version__}, openvino {runtimes.openvino_version()}, threads {torch.get_num_threads()}")
-    print(f"CPU AMX (bf16 tiles): {runtimes.cpu_has_amx()}; auto picks {runtimes.candidates('auto', 'cpu')[0]}")
+    auto = runtimes.candidates("auto", "cpu")[:-1] or ["torch"]
+    print(f"CPU AMX (bf16 tiles): {runtimes.cpu_has_amx()}; native bf16: {runtimes.cpu_has_native_bf16()}; "
+          f"auto {'picks ' + auto[0] if len(auto) == 1 else 'serves the faster of ' + ' and '.join(auto)}")
 
     model = served_model()
     slices = scan_slices()

@@ -43,6 +43,7 @@ from lib.core.evaluation import (  # noqa: E402
     records_as_dicts,
     summarize,
 )
+from lib.serving.runtimes import RuntimeEncoder  # noqa: E402
 
 
 def inference_overrides(pairs: list[str]) -> dict:
@@ -80,8 +81,13 @@ def backend_for(method: str, profile_name: str, device: str | None, inference: d
         sys.exit(f"profile {profile_name} ships no adapter checkpoint")
     cache = None
     if store is not None:
-        # one folder per encoder runtime: OpenVINO and torch embeddings differ slightly
-        folder = store / profile.name / profile.inference.encoder_runtime
+        # one folder per encoder runtime (OpenVINO and torch embeddings differ slightly); auto named by what
+        # it serves here, which depends on the machine (lib/serving/auto_runtime.py)
+        runtime = profile.inference.encoder_runtime
+        if runtime == "auto":
+            encode = InteractiveSegmenter(profile, adapter_dir=None, device=device).current().encode
+            runtime = encode.prepare().name if isinstance(encode, RuntimeEncoder) else "torch"
+        folder = store / profile.name / runtime
         cache = StoredEmbeddingCache(profile.inference.embedding_cache_mb, folder)
     return InProcessBackend(InteractiveSegmenter(profile, adapter_dir=None, device=device, embeddings=cache))
 

@@ -118,6 +118,26 @@ def test_a_missed_part_is_added_and_nothing_else():
     assert (local_correction(previous, new, np.array([[8, 8]]), np.zeros((0, 2), int)) == new).all()
 
 
+def test_a_correction_never_undoes_what_earlier_clicks_settled():
+    """The spleen case: after a good answer, a negative click on a small leak made the adapter answer a
+    fragment; the removed region touched the click, and the whole organ went (Dice 0.97 -> 0.21)."""
+    previous = np.zeros((60, 60), bool)
+    previous[10:40, 10:40] = True  # the organ
+    previous[24:27, 40:50] = True  # a leak to the right
+    fragment = np.zeros_like(previous)
+    fragment[12:18, 12:18] = True  # the model's answer to the negative click: a fragment around the first click
+    fg, bg = np.array([[15, 15]]), np.array([[25, 46]])
+    out = respect_clicks(local_correction(previous, fragment, fg, bg, total_share=0.25), fg, bg)
+    assert out[10:40, 10:40].all()  # the organ stays (the removal held more than half the answer) ...
+    assert not out[25, 46] and out[25, 41]  # ... and the leak is cut around the click
+    # a changed region that would take out a foreground click the previous answer had: kept as it was
+    moved = previous.copy()
+    moved[10:40, 30:40] = False
+    fg2 = np.array([[15, 15], [35, 35]])
+    out = local_correction(previous, moved, fg2, bg, total_share=0.25)
+    assert out[10:40, 30:40].all()
+
+
 def test_scale_boxes_have_their_physical_size_and_are_clipped_to_the_slice():
     # 0.5 mm rows, 2 mm columns: a 10 mm box spans 20 rows and 5 columns
     boxes = boxes_at_scales((50, 50), (0.5, 2.0), (100, 100), (10.0, 20.0, 1000.0, 2000.0))

@@ -366,3 +366,16 @@ def test_a_precomputed_range_runs_middle_out_one_job_at_a_time_within_its_cache_
         assert small.has_embedding(path, 9) and small.has_embedding(path, 10)  # the middle (of 0..19) first, then out
     finally:
         scheduler.close()
+
+
+def test_an_objects_lone_first_click_is_a_first_prompt_and_corrections_are_clicks():
+    """A lone click answers its scale candidates (several decoder passes): it must not hold up the click
+    lane that other annotators' corrections use."""
+    from lib.serving.infer_route import is_lone_click
+
+    assert is_lone_click({"foreground": [[80, 80, 13]]})
+    assert is_lone_click({"foreground": [[80, 80, 13]], "background": []})
+    assert not is_lone_click({"foreground": [[80, 80, 13], [84, 86, 13]]})
+    assert not is_lone_click({"foreground": [[80, 80, 13]], "background": [[10, 10, 13]]})
+    assert not is_lone_click({"foreground": [[80, 80, 13]], "roi": [60, 100, 60, 100, 13, 13]})
+    assert not is_lone_click({"roi": [60, 100, 60, 100, 13, 13]})

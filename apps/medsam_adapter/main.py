@@ -6,8 +6,9 @@ Options (``--conf KEY VALUE``):
   embedding_cache_mb   override the profiles' embedding cache size (0 re-encodes on every click)
   adapter_version      serve this published adapter version instead of the newest (rollback)
   encoder_runtime      auto (default) | torch | torch_bf16 | torch_fp16 | openvino_fp32 | openvino_bf16 |
-                       openvino_mixed:
-                       overrides the profiles' [inference] encoder_runtime (lib/serving/runtimes.py)
+                       openvino_mixed: overrides the profiles' [inference] encoder_runtime (auto on a CPU
+                       with native bf16: the faster of openvino_fp32 and openvino_mixed measured there;
+                       lib/serving/runtimes.py)
   decoder_runtime      auto (default) | torch | openvino_fp32: overrides [inference] decoder_runtime
                        (lib/serving/decoder_runtime.py)
   warm_up              true (default) | false: build the served and bare models and their encoder and

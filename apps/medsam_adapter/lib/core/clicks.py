@@ -95,23 +95,40 @@ def local_correction(
     background_rc: np.ndarray,
     total_share: float = 0.0,
     reach: int = 2,
+    max_removal: float = 0.5,
 ) -> np.ndarray:
     """A correction click changes the answer only where it was wrong: the new answer in the regions where
     it differs from the previous one that touch (within ``reach`` pixels) a click the previous answer got
     wrong (a foreground click outside it, a background click inside it), the previous answer elsewhere —
     unless all its other changes together stay within ``total_share`` of the previous answer's area (a
     refinement, not a different answer): then the new answer as it is. Without such a click, the new
-    answer."""
-    wrong = [tuple(p) for p in np.asarray(foreground_rc).reshape(-1, 2) if not previous[tuple(p)]]
-    wrong += [tuple(p) for p in np.asarray(background_rc).reshape(-1, 2) if previous[tuple(p)]]
+    answer. Either way, what earlier clicks settled stays: a changed region that would take out a
+    foreground click, or take in a background click, that the previous answer had right keeps the
+    previous answer there, and so does a region removed at a background click that holds more than
+    ``max_removal`` of the previous answer (a negative click on a leak must not remove the object the
+    positive clicks are on; :func:`respect_clicks` then cuts the leak around the click)."""
+    fg = [tuple(p) for p in np.asarray(foreground_rc).reshape(-1, 2)]
+    bg = [tuple(p) for p in np.asarray(background_rc).reshape(-1, 2)]
+    regions, count = ndimage.label(previous ^ new)
+    settled = {int(regions[p]) for p in fg if previous[p]} | {int(regions[p]) for p in bg if not previous[p]}
+    settled.discard(0)
+    area = max(1, int(previous.sum()))
+    sizes = np.bincount(regions.ravel(), minlength=count + 1)
+    for p in bg:  # a negative click that would take most of the answer with it
+        i = int(regions[p])
+        if i and previous[p] and sizes[i] > max_removal * area:
+            settled.add(i)
+    if settled:  # changes that undo a settled click: the previous answer there
+        undo = np.isin(regions, list(settled))
+        new = np.where(undo, previous, new)
+        regions[undo] = 0
+    wrong = [p for p in fg if not previous[p]] + [p for p in bg if previous[p]]
     if not wrong:
         return new
-    regions, count = ndimage.label(previous ^ new)
     touched: set[int] = set()
     for r, c in wrong:
         window = regions[max(0, r - reach) : r + reach + 1, max(0, c - reach) : c + reach + 1]
         touched.update(int(v) for v in np.unique(window) if v)
-    area = max(1, int(previous.sum()))
     sizes = np.bincount(regions.ravel(), minlength=count + 1)
     others = [i for i in range(1, count + 1) if i not in touched]
     if sum(int(sizes[i]) for i in others) <= total_share * area:

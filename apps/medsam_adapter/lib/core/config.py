@@ -104,7 +104,7 @@ class InferenceSettings:
     # alone unless another beats its stability by lone_click_alone_margin / sqrt(its area in pixels)
     # (a small mask's stability is noisier). Empty list: the click alone.
     lone_click_scales_mm: tuple[float, ...] = field(
-        default=(20.0, 40.0, 80.0, 160.0), metadata={"any_length": True}
+        default=(20.0, 30.0, 40.0, 60.0, 80.0, 120.0, 160.0, 240.0), metadata={"any_length": True}
     )
     lone_click_max_contact: float = 0.2
     lone_click_alone_margin: float = 3.0

@@ -10,7 +10,8 @@ Label's endpoint gives; only where and when they are computed changes. ``--conf 
 leaves MONAI Label's endpoint in place (the serial path).
 
 Priority of a request: a 2D prompt on a slice whose embedding is cached is a CLICK, any other 2D
-prompt a FIRST_PROMPT, 3D / DeepEdit / automatic tasks VOLUME. Clients are told apart by the
+prompt a FIRST_PROMPT, as is a lone foreground click (the first click on an object, answered with its
+scale candidates: several decoder passes), 3D / DeepEdit / automatic tasks VOLUME. Clients are told apart by the
 ``client_id`` the clients send (3D Slicer does), else the signed-in user, else the remote address.
 """
 
@@ -49,6 +50,12 @@ MAX_PATHS = 4096
 USER = Depends(RBAC(settings.MONAI_LABEL_AUTH_ROLE_USER))
 PARAMS_FIELD = Form("{}")
 NO_FILE = File(None)
+
+
+def is_lone_click(data: dict) -> bool:
+    """One foreground click and nothing else (no background click, no box): an object's first click."""
+    fg, bg = data.get("foreground") or [], data.get("background") or []
+    return isinstance(fg, list) and len(fg) == 1 and not bg and not data.get("roi")
 
 
 @dataclass
@@ -141,7 +148,9 @@ class Serving:
             path = self.path(image) if image and not uploaded else None
             k = prompt_slice(task.segmenter, path, data, False) if path else None
             if k is not None and task.segmenter.has_embedding(path, k, window_option(data)):
-                priority = Priority.CLICK
+                # a lone click also answers its scale candidates (~8x a correction's decoder work): it is
+                # an object's first prompt, and the click lane stays free for the corrections
+                priority = Priority.FIRST_PROMPT if is_lone_click(data) else Priority.CLICK
         elif task is not None:
             priority = Priority.VOLUME
         return Plan(priority, str(client), task, data)

@@ -7,13 +7,14 @@ A profile chooses one with ``[inference] encoder_runtime`` (``--conf encoder_run
 - ``openvino_fp32`` / ``openvino_bf16``: the encoder (adapters and pixel normalisation included) converted
   locally with ``openvino.convert_model``, saved as OpenVINO IR under a cache folder and compiled for the
   CPU with that inference precision (adapters that add exactly zero, untrained ones, are left out);
-- ``openvino_mixed``: the TinyViT encoder as two graphs, the early stages fp32 and the rest bf16
-  (:mod:`.encoder_split`; ~0.75x of openvino_fp32's time on a CPU with native bf16);
-- ``auto``: on a CPU with OpenVINO installed ``openvino_fp32``; on CUDA ``torch_fp16``; ``torch`` otherwise.
-  The bf16 runtimes are opt-in: measured on the shipped scans they change masks by more than the bar
-  (mean Dice against fp32 masks 0.983 torch_bf16, 0.987 openvino_bf16), and openvino_mixed, which passes
-  there (0.996), moves the evaluation suite's held-out click Dice by more than 0.005 (3 clicks: pooled
-  -0.006, fetal head -0.018); openvino_fp32 keeps both.
+- ``openvino_mixed``: the TinyViT encoder as two graphs, the patch embedding and the first three stages fp32,
+  the last stage and the neck bf16 (:mod:`.encoder_split`; ~0.87x of openvino_fp32's time on a CPU with
+  native bf16; masks and the evaluation suite's held-out Dice unchanged within the bars);
+- ``auto``: on CUDA ``torch_fp16``; on a CPU with OpenVINO ``openvino_fp32``, or, where the CPU computes
+  bf16 natively (avx512_bf16 or AMX), the faster of ``openvino_mixed`` and ``openvino_fp32`` measured on
+  this machine (:mod:`.auto_runtime`; bf16 was slower than fp32 on a Zen 4-class CPU with those flags);
+  ``torch`` otherwise. Whole-graph bf16 stays opt-in: measured on the shipped scans it changes masks by
+  more than the bar (mean Dice against fp32 masks 0.983 torch_bf16, 0.987 openvino_bf16).
 
 Nothing is downloaded. The IR (under :func:`default_cache_dir`) is keyed by a hash of every encoder
 tensor (backbone weights and encoder adapters), the adapter settings and the OpenVINO version, written
@@ -50,6 +51,7 @@ from torch import Tensor, nn
 from ..core.adapters import inert_adapters_skipped
 from ..core.config import ENCODER_RUNTIMES
 from ..core.model import AdaptedSam
+from . import auto_runtime
 
 logger = logging.getLogger(__name__)
 
@@ -78,7 +80,7 @@ SPECS = {
     "torch_fp16": RuntimeSpec("torch_fp16", "torch", "fp16", 0.01),
     "openvino_fp32": RuntimeSpec("openvino_fp32", "openvino", "fp32", 1e-3),
     "openvino_bf16": RuntimeSpec("openvino_bf16", "openvino", "bf16", 0.1),
-    "openvino_mixed": RuntimeSpec("openvino_mixed", "openvino", "mixed", 0.06),
+    "openvino_mixed": RuntimeSpec("openvino_mixed", "openvino", "mixed", 0.03),
 }
 assert set(SPECS) | {"auto"} == set(ENCODER_RUNTIMES)
 
@@ -121,13 +123,23 @@ def openvino_version() -> str | None:
         return None
 
 
-def cpu_has_amx() -> bool:
-    """Whether this (Linux) CPU exposes AMX with bf16 tiles (where bf16 runs several times faster)."""
+def cpu_flags() -> set[str]:
+    """The (Linux) CPU's feature flags; empty where /proc/cpuinfo cannot be read."""
     try:
         text = Path("/proc/cpuinfo").read_text()
     except OSError:
-        return False
-    return any(line.startswith("flags") and " amx_bf16" in line for line in text.splitlines())
+        return set()
+    return next((set(line.split(":", 1)[1].split()) for line in text.splitlines() if line.startswith("flags")), set())
+
+
+def cpu_has_amx() -> bool:
+    """Whether this (Linux) CPU exposes AMX with bf16 tiles (where bf16 runs several times faster)."""
+    return "amx_bf16" in cpu_flags()
+
+
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU computes bf16 natively (avx512_bf16 or AMX), where bf16 stages may be faster."""
+    return bool({"avx512_bf16", "amx_bf16"} & cpu_flags())
 
 
 def candidates(name: str, device: torch.device | str = "cpu") -> list[str]:
@@ -139,7 +151,8 @@ def candidates(name: str, device: torch.device | str = "cpu") -> list[str]:
         if device.type == "cuda":
             order = ["torch_fp16"]
         elif openvino_version() is not None:
-            order = ["openvino_fp32"]  # bf16, whole or mixed, changes masks measurably (module docstring)
+            # both keep the masks; with more than one, RuntimeEncoder serves the faster (lib/serving/auto_runtime.py)
+            order = ["openvino_mixed", "openvino_fp32"] if cpu_has_native_bf16() else ["openvino_fp32"]
         else:
             order = []
     else:
@@ -524,6 +537,12 @@ def build_runtime(model: AdaptedSam, name: str, cache_dir: Path | None = None, k
         return built
 
 
+def forget_runtime(model: AdaptedSam, name: str, key: str) -> None:
+    """Drop a built runtime from this process's memo (auto's slower candidate: its graph is freed)."""
+    with _build_lock:
+        _BUILT.pop((key, name, str(model.device)), None)
+
+
 class RuntimeEncoder:
     """The ``encode`` a served model version uses: the first of the configured runtime's candidates that
     builds and verifies, prepared on first use (thread-safe; cheap to construct), torch fp32 as the last
@@ -551,13 +570,13 @@ class RuntimeEncoder:
             if self._built is not None:
                 return self._built
             key = encoder_key(self.model)
-            for name in candidates(self.runtime, self.model.device):
-                try:
-                    self._built = build_runtime(self.model, name, self.cache_dir, key)
+            names = candidates(self.runtime, self.model.device)
+            if self.runtime == "auto" and len(names) > 2:  # several runtimes that keep masks: the fastest
+                self._built = self._fastest(names[:-1], key)
+            for name in names if self._built is None else ():
+                self._built = self._try(name, key)
+                if self._built is not None:
                     break
-                except RuntimeUnavailable as e:
-                    self.failures[name] = str(e)
-                    logger.warning("encoder runtime %s unavailable (%s); trying the next one", name, e)
             assert self._built is not None  # torch fp32 always builds
             if self.runtime not in ("auto", self._built.name):
                 logger.error("encoder runtime %s was asked for; using %s instead", self.runtime, self._built.name)
@@ -573,6 +592,33 @@ class RuntimeEncoder:
 
     def __call__(self, image01: Tensor) -> Tensor:
         return self.prepare().encode(image01)
+
+    def _try(self, name: str, key: str) -> BuiltRuntime | None:
+        try:
+            return build_runtime(self.model, name, self.cache_dir, key)
+        except RuntimeUnavailable as e:
+            self.failures[name] = str(e)
+            logger.warning("encoder runtime %s unavailable (%s); trying the next one", name, e)
+            return None
+
+    def _fastest(self, names: list[str], key: str) -> BuiltRuntime | None:
+        """The fastest of ``names`` that build, measured on the probe image, or the one remembered as
+        fastest for this encoder on this machine (lib/serving/auto_runtime.py). None: none builds."""
+        cache_dir = self.cache_dir or default_cache_dir()
+        tag = auto_runtime.machine_tag(openvino_version())
+        known = auto_runtime.remembered(cache_dir, key, tag)
+        if known in names and (built := self._try(known, key)) is not None:
+            return built
+        built = [b for b in (self._try(name, key) for name in names) if b is not None]
+        if len(built) < 2:
+            return built[0] if built else None
+        winner, timings = auto_runtime.fastest(built, probe_input(self.model).to(self.model.device))
+        for other in built:
+            if other is not winner:
+                forget_runtime(self.model, other.name, key)
+        auto_runtime.remember(cache_dir, key, tag, winner.name, timings)
+        logger.info("auto: encoder runtimes measured %s ms; serving %s", timings, winner.name)
+        return winner
 
 
 # -- command line -------------------------------------------------------------------------------------

@@ -4,8 +4,9 @@ Jobs are plain callables run by worker threads. A job waits in the queue of its 
 within a class every client has its own FIFO and the clients take turns (round robin), so one
 client's burst never starves another. Workers always take the most urgent class first:
 
-    CLICK         a prompt on a slice whose embedding is cached (decoder only, tens of ms)
-    FIRST_PROMPT  a prompt on a slice that needs its encoder pass
+    CLICK         a correction on a slice whose embedding is cached (decoder only, tens of ms)
+    FIRST_PROMPT  a prompt on a slice that needs its encoder pass, or an object's lone first click
+                  (its scale candidates: several decoder passes)
     VOLUME        3D propagation, DeepEdit and automatic (every slice)
     PREFETCH      background encodes of slices a client is likely to open next
 

@@ -1,0 +1,94 @@
+"""``auto``'s choice among encoder runtimes that all keep the masks: the fastest, measured on this machine.
+
+Whether bf16 stages pay depends on the CPU, not on its flags alone: ``openvino_mixed`` took 208 ms against
+``openvino_fp32``'s 240 on a Zen 5 EPYC (avx512_bf16), while on a Zen 4-class EPYC with the same flags
+OpenVINO's bf16 was slower than its fp32 (609 against 425 ms, whole graph). So ``auto`` times its
+candidates on the probe image (one warm-up, then the median of :data:`REPEATS` encodes) and serves the
+fastest. The choice is remembered in the runtime cache folder (``auto_choice.json``) per encoder key, CPU
+model, thread count and OpenVINO version, so later processes build only the winner.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import platform
+import statistics
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from ..core.atomic import atomic_write
+
+logger = logging.getLogger(__name__)
+
+REPEATS = 3
+CHOICES_FILE = "auto_choice.json"
+
+
+def cpu_model() -> str:
+    """The CPU's model name, family and model numbers (``/proc/cpuinfo``: the name alone can be as vague as
+    "AMD EPYC" across generations), else what ``platform`` knows."""
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        lines = []
+    fields: dict[str, str] = {}
+    for line in lines:
+        name, _, value = line.partition(":")
+        fields.setdefault(name.strip(), value.strip())
+    if "model name" not in fields:
+        return platform.processor() or platform.machine()
+    return f"{fields['model name']} (family {fields.get('cpu family', '?')}, model {fields.get('model', '?')})"
+
+
+def machine_tag(engine_version: str | None) -> str:
+    """What a measured choice holds for: CPU model, torch threads (the runtimes' thread count), engine version."""
+    return f"{cpu_model()}|threads={torch.get_num_threads()}|openvino={engine_version}"
+
+
+def _read(path: Path) -> dict:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def remembered(cache_dir: Path, key: str, tag: str) -> str | None:
+    """The runtime measured fastest earlier for this encoder key on this machine, if any."""
+    entry = _read(Path(cache_dir) / CHOICES_FILE).get(f"{key}|{tag}")
+    return entry.get("runtime") if isinstance(entry, dict) else None
+
+
+def remember(cache_dir: Path, key: str, tag: str, runtime: str, timings_ms: dict[str, float]) -> None:
+    """Record a measured choice (atomically; a failure to write is logged, the choice still serves)."""
+    path = Path(cache_dir) / CHOICES_FILE
+    choices = _read(path)
+    choices[f"{key}|{tag}"] = {"runtime": runtime, "ms": {k: round(v, 1) for k, v in timings_ms.items()}}
+    try:
+        with atomic_write(path, "w") as fh:
+            json.dump(choices, fh, indent=1, sort_keys=True)
+    except OSError as e:
+        logger.warning("could not record the encoder runtime choice in %s: %s", path, e)
+
+
+def encode_ms(encode, probe: Tensor, repeats: int = REPEATS) -> float:
+    """Median milliseconds of ``repeats`` encodes of ``probe`` after one warm-up."""
+    with torch.inference_mode():
+        encode(probe)
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            encode(probe)
+            times.append((time.perf_counter() - start) * 1e3)
+    return statistics.median(times)
+
+
+def fastest(runtimes: Sequence, probe: Tensor) -> tuple[object, dict[str, float]]:
+    """The fastest of built runtimes (objects with ``name`` and ``encode``) on ``probe``, and every timing."""
+    timings = {r.name: encode_ms(r.encode, probe) for r in runtimes}
+    return min(runtimes, key=lambda r: timings[r.name]), timings
