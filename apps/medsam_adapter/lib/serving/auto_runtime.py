@@ -3,8 +3,8 @@
 Whether bf16 stages pay depends on the CPU, not on its flags alone: ``openvino_mixed`` took 208 ms against
 ``openvino_fp32``'s 240 on a Zen 5 EPYC (avx512_bf16), while on a Zen 4-class EPYC with the same flags
 OpenVINO's bf16 was slower than its fp32 (609 against 425 ms, whole graph). So ``auto`` times its
-candidates on the probe image (one warm-up, then the median of :data:`REPEATS` encodes) and serves the
-fastest. The choice is remembered in the runtime cache folder (``auto_choice.json``) per encoder key, CPU
+candidates on the probe image (one warm-up each, then the median of :data:`REPEATS` interleaved encodes)
+and serves the fastest. The choice is remembered in the runtime cache folder (``auto_choice.json``) per encoder key, CPU
 model, thread count and OpenVINO version, so later processes build only the winner.
 """
 
@@ -25,7 +25,7 @@ from ..core.atomic import atomic_write
 
 logger = logging.getLogger(__name__)
 
-REPEATS = 3
+REPEATS = 5
 CHOICES_FILE = "auto_choice.json"
 
 
@@ -76,19 +76,18 @@ def remember(cache_dir: Path, key: str, tag: str, runtime: str, timings_ms: dict
         logger.warning("could not record the encoder runtime choice in %s: %s", path, e)
 
 
-def encode_ms(encode, probe: Tensor, repeats: int = REPEATS) -> float:
-    """Median milliseconds of ``repeats`` encodes of ``probe`` after one warm-up."""
+def fastest(runtimes: Sequence, probe: Tensor, repeats: int = REPEATS) -> tuple[object, dict[str, float]]:
+    """The fastest of built runtimes (objects with ``name`` and ``encode``) on ``probe``, and every median
+    in ms: one warm-up each, then ``repeats`` rounds that run each once in turn (interleaved, so a change
+    in the machine's load while measuring hits every runtime alike)."""
+    times: dict[str, list[float]] = {r.name: [] for r in runtimes}
     with torch.inference_mode():
-        encode(probe)
-        times = []
+        for r in runtimes:
+            r.encode(probe)
         for _ in range(repeats):
-            start = time.perf_counter()
-            encode(probe)
-            times.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(times)
-
-
-def fastest(runtimes: Sequence, probe: Tensor) -> tuple[object, dict[str, float]]:
-    """The fastest of built runtimes (objects with ``name`` and ``encode``) on ``probe``, and every timing."""
-    timings = {r.name: encode_ms(r.encode, probe) for r in runtimes}
+            for r in runtimes:
+                start = time.perf_counter()
+                r.encode(probe)
+                times[r.name].append((time.perf_counter() - start) * 1e3)
+    timings = {name: statistics.median(values) for name, values in times.items()}
     return min(runtimes, key=lambda r: timings[r.name]), timings
