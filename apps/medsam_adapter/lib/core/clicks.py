@@ -122,6 +122,7 @@ def local_correction(
         undo = np.isin(regions, list(settled))
         new = np.where(undo, previous, new)
         regions[undo] = 0
+        sizes[list(settled)] = 0
     wrong = [p for p in fg if not previous[p]] + [p for p in bg if previous[p]]
     if not wrong:
         return new
@@ -129,7 +130,6 @@ def local_correction(
     for r, c in wrong:
         window = regions[max(0, r - reach) : r + reach + 1, max(0, c - reach) : c + reach + 1]
         touched.update(int(v) for v in np.unique(window) if v)
-    sizes = np.bincount(regions.ravel(), minlength=count + 1)
     others = [i for i in range(1, count + 1) if i not in touched]
     if sum(int(sizes[i]) for i in others) <= total_share * area:
         return new
