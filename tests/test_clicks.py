@@ -118,6 +118,26 @@ def test_a_missed_part_is_added_and_nothing_else():
     assert (local_correction(previous, new, np.array([[8, 8]]), np.zeros((0, 2), int)) == new).all()
 
 
+def test_a_foreground_click_only_adds_and_a_background_click_only_removes():
+    """The fetal-head case: after a 0.96 answer, a foreground click on a missed strip made the adapter
+    grow the strip and shrink the far side, in one connected changed region (Dice 0.96 -> 0.85)."""
+    previous = np.zeros((40, 40), bool)
+    previous[10:30, 10:30] = True
+    new = previous.copy()
+    new[10:30, 30:34] = True  # the missed strip, asked for by the click ...
+    new[26:30, 20:30] = False  # ... and a removal touching it, which no click asked for
+    out = local_correction(previous, new, np.array([[20, 32]]), np.zeros((0, 2), int))
+    assert out[10:30, 10:34].all()  # the strip is added and nothing removed
+    # the mirror case: a background click on a leak takes the removal, not an addition touching it
+    leak = previous.copy()
+    leak[18:22, 30:36] = True
+    new = leak.copy()
+    new[18:22, 30:36] = False
+    new[22:26, 30:33] = True
+    out = local_correction(leak, new, np.array([[15, 15]]), np.array([[20, 34]]))
+    assert not out[18:22, 30:36].any() and not out[22:26, 30:33].any() and out[10:30, 10:30].all()
+
+
 def test_a_correction_never_undoes_what_earlier_clicks_settled():
     """The spleen case: after a good answer, a negative click on a small leak made the adapter answer a
     fragment; the removed region touched the click, and the whole organ went (Dice 0.97 -> 0.21)."""

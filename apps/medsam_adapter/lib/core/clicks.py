@@ -4,7 +4,8 @@
   asks for answers to boxes of several physical sizes around it (:func:`boxes_at_scales`) and keeps the
   most stable answer (:func:`stability`) among those that do not run into their box's sides
   (:func:`side_contact`: the box was too small, the answer a fragment).
-- A correction click changes the answer where it was wrong, not elsewhere (:func:`local_correction`).
+- A correction click changes the answer where it was wrong and the way it asks (a foreground click adds,
+  a background click removes), not elsewhere (:func:`local_correction`).
 - Every answer respects the clicks: each foreground click lies inside the returned mask and each
   background click outside it (:func:`respect_clicks`). The repair is local, so objects that really
   have several parts keep them.
@@ -97,19 +98,25 @@ def local_correction(
     reach: int = 2,
     max_removal: float = 0.5,
 ) -> np.ndarray:
-    """A correction click changes the answer only where it was wrong: the new answer in the regions where
-    it differs from the previous one that touch (within ``reach`` pixels) a click the previous answer got
-    wrong (a foreground click outside it, a background click inside it), the previous answer elsewhere —
-    unless all its other changes together stay within ``total_share`` of the previous answer's area (a
-    refinement, not a different answer): then the new answer as it is. Without such a click, the new
-    answer. Either way, what earlier clicks settled stays: a changed region that would take out a
-    foreground click, or take in a background click, that the previous answer had right keeps the
-    previous answer there, and so does a region removed at a background click that holds more than
-    ``max_removal`` of the previous answer (a negative click on a leak must not remove the object the
-    positive clicks are on; :func:`respect_clicks` then cuts the leak around the click)."""
+    """A correction click changes the answer only where it was wrong, and only the way it asks: a
+    foreground click the previous answer missed takes the new answer's additions that touch it (within
+    ``reach`` pixels), a background click the previous answer held takes the new answer's removals that
+    touch it; elsewhere the previous answer stays, unless all the other changes together stay within
+    ``total_share`` of the previous answer's area (a refinement, not a different answer): then the new
+    answer as it is. Without such a click, the new answer. Either way, what earlier clicks settled stays:
+    a changed region that would take out a foreground click, or take in a background click, that the
+    previous answer had right keeps the previous answer there, and so does a region removed at a
+    background click that holds more than ``max_removal`` of the previous answer (a negative click on a
+    leak must not remove the object the positive clicks are on; :func:`respect_clicks` then cuts the leak
+    around the click)."""
     fg = [tuple(p) for p in np.asarray(foreground_rc).reshape(-1, 2)]
     bg = [tuple(p) for p in np.asarray(background_rc).reshape(-1, 2)]
-    regions, count = ndimage.label(previous ^ new)
+    # additions and removals are regions of their own: a click that asks to add never takes a removal
+    # that happens to touch its addition (the adapter growing one side while shrinking the other)
+    added, n_added = ndimage.label(new & ~previous)
+    removed, n_removed = ndimage.label(previous & ~new)
+    regions = added + np.where(removed > 0, removed + n_added, 0)
+    count = n_added + n_removed
     settled = {int(regions[p]) for p in fg if previous[p]} | {int(regions[p]) for p in bg if not previous[p]}
     settled.discard(0)
     area = max(1, int(previous.sum()))
@@ -123,13 +130,13 @@ def local_correction(
         new = np.where(undo, previous, new)
         regions[undo] = 0
         sizes[list(settled)] = 0
-    wrong = [p for p in fg if not previous[p]] + [p for p in bg if previous[p]]
+    wrong = [(p, 1, n_added) for p in fg if not previous[p]] + [(p, n_added + 1, count) for p in bg if previous[p]]
     if not wrong:
         return new
     touched: set[int] = set()
-    for r, c in wrong:
+    for (r, c), low, high in wrong:  # additions near a missed foreground click, removals near a held background one
         window = regions[max(0, r - reach) : r + reach + 1, max(0, c - reach) : c + reach + 1]
-        touched.update(int(v) for v in np.unique(window) if v)
+        touched.update(int(v) for v in np.unique(window) if low <= v <= high)
     others = [i for i in range(1, count + 1) if i not in touched]
     if sum(int(sizes[i]) for i in others) <= total_share * area:
         return new

@@ -115,11 +115,12 @@ class InferenceSettings:
     lone_click_adapter_margin: float = 6.0
     # every foreground click inside the answer and every background click outside it (local repair)
     respect_clicks: bool = True
-    # a correction click (previous logits fed back) changes the answer only in the regions connected to
-    # the clicks the previous answer got wrong, the rest of the previous answer kept, unless its other
+    # a correction click (previous logits fed back) changes the answer only where the previous answer got
+    # a click wrong, and only the way that click asks: the additions touching a missed foreground click, the
+    # removals touching a held background click; the rest of the previous answer is kept unless the other
     # changes together are at most local_total_share of the previous answer's area (a refinement)
     local_corrections: bool = True
-    local_total_share: float = 0.25
+    local_total_share: float = 0.0
     # box-only requests with the profile's shipped (click) adapters: true uses them, false the bare base
     # model (boxes are what the base model was trained for); adapters from training rounds always serve boxes
     boxes_with_shipped_adapters: bool = False
