@@ -20,6 +20,7 @@ import json
 import statistics
 import sys
 import time
+import tomllib
 from dataclasses import replace
 from pathlib import Path
 
@@ -77,10 +78,11 @@ def click_cost(slice_k, window, spacing, inside, device, repeats: int) -> dict[s
             "click_shipped_over_bare_ratio": round(shipped_ms / bare_ms, 3)}
 
 
-def decoder_runtimes(repeats: int, other_scales: tuple[float, ...] = ()) -> dict[str, float]:
+def decoder_runtimes(repeats: int, other: dict | None = None) -> dict[str, float]:
     """Median ms of a lone click and of a correction click on a cached slice through SlicePredictor, the
     shipped click adapter's decoder run by torch and by OpenVINO (interleaved), and mask agreement.
-    ``other_scales``: also OpenVINO with these lone-click scales instead of the profile's (``openvino_other``)."""
+    ``other``: also OpenVINO with these [inference] settings instead of the profile's (``openvino_other``),
+    e.g. other lone-click scales or ``repair_logit = 0``."""
     from lib.core.config import load_profile
     from lib.serving.decoder_runtime import RuntimeDecoder
 
@@ -105,11 +107,10 @@ def decoder_runtimes(repeats: int, other_scales: tuple[float, ...] = ()) -> dict
                                                     decode=decoders[served]),
                                         EmbeddingCache(512), profile.preprocessing, profile.inference,
                                         bare=lambda b=bare_loaded: b, lone=lambda x=lone_loaded: x)
-    if other_scales:
+    if other:
         ov = runtimes["openvino_fp32"]
         runtimes["openvino_other"] = SlicePredictor(
-            ov.loaded, ov.cache, profile.preprocessing, replace(profile.inference, lone_click_scales_mm=other_scales),
-            bare=ov.bare, lone=ov.lone)
+            ov.loaded, ov.cache, profile.preprocessing, replace(profile.inference, **other), bare=ov.bare, lone=ov.lone)
     image = load_volume(ROOT / "sample-data" / "abdomen_ct.nii.gz")
     label = load_volume(ROOT / "sample-data" / "reference" / "abdomen_ct.nii.gz")
     view = SliceView.from_affine(image.affine, 2)
@@ -138,8 +139,8 @@ def decoder_runtimes(repeats: int, other_scales: tuple[float, ...] = ()) -> dict
             for a, b in zip(masks["torch"], masks["openvino_fp32"], strict=True):
                 agreement.append(1.0 if not (a.any() or b.any()) else 2 * (a & b).sum() / (a.sum() + b.sum()))
     out: dict[str, float] = {k: statistics.median(v) for k, v in times.items()}
-    if other_scales:
-        out["other_lone_click_scales_mm"] = list(other_scales)
+    if other:
+        out["other_inference"] = {k: list(v) if isinstance(v, tuple) else v for k, v in other.items()}
     for prompt in ("lone_click", "correction_click"):
         out[f"{prompt}_torch_over_openvino_ratio"] = round(
             out[f"torch_{prompt}"] / out[f"openvino_fp32_{prompt}"], 2)
@@ -155,10 +156,18 @@ def main() -> None:
     parser.add_argument("--decoder-only", action="store_true", help="only the decoder runtimes' comparison")
     parser.add_argument("--other-scales", default="", help="with --decoder-only: also time lone clicks with these "
                         "lone_click_scales_mm (comma-separated, e.g. 20,40,80,160) against the profile's")
+    parser.add_argument("--other-inference", nargs="*", default=[], metavar="KEY=VALUE",
+                        help="with --decoder-only: also time OpenVINO with these [inference] settings (TOML values, "
+                             "e.g. repair_logit=0) against the profile's")
     args = parser.parse_args()
     device = torch.device(args.device)
     if args.decoder_only:
-        other = tuple(float(v) for v in args.other_scales.split(",") if v.strip())
+        other = {key: tomllib.loads(f"v = {value}")["v"] for key, _, value in
+                 (pair.partition("=") for pair in args.other_inference)}
+        other = {k: tuple(v) if isinstance(v, list) else v for k, v in other.items()}
+        scales = tuple(float(v) for v in args.other_scales.split(",") if v.strip())
+        if scales:
+            other["lone_click_scales_mm"] = scales
         print(json.dumps({"threads": torch.get_num_threads(), **decoder_runtimes(args.repeats, other)}, indent=2))
         return
 

@@ -158,6 +158,23 @@ def test_a_correction_never_undoes_what_earlier_clicks_settled():
     assert out[10:40, 30:40].all()
 
 
+def test_a_negative_click_never_takes_a_large_part_of_the_object():
+    """The abdomen CT case: after a 0.90 answer with a leak, the adapter answered a negative click on the
+    leak by removing the leak and 40 % of the organ in one region (Dice 0.90 -> 0.73). A removal of more
+    than a quarter of the answer is not taken; the leak is cut around the click instead."""
+    previous = np.zeros((60, 60), bool)
+    previous[10:40, 10:40] = True  # the organ
+    previous[24:27, 40:50] = True  # a leak to the right
+    answer = previous.copy()
+    answer[10:40, 28:50] = False  # the leak and the organ's right 40 %, one removed region
+    fg, bg = np.array([[25, 15]]), np.array([[25, 46]])
+    out = respect_clicks(local_correction(previous, answer, fg, bg), fg, bg)
+    assert out[10:40, 10:40].all() and not out[25, 46]
+    small = previous.copy()
+    small[22:29, 40:50] = False  # removing the leak alone is taken
+    assert not local_correction(previous, small, fg, bg)[24:27, 40:50].any()
+
+
 def test_scale_boxes_have_their_physical_size_and_are_clipped_to_the_slice():
     # 0.5 mm rows, 2 mm columns: a 10 mm box spans 20 rows and 5 columns
     boxes = boxes_at_scales((50, 50), (0.5, 2.0), (100, 100), (10.0, 20.0, 1000.0, 2000.0))
@@ -213,6 +230,29 @@ def test_the_predictor_respects_every_click_on_a_real_slice(lite_model, spleen_s
         result = predictor.predict(image, window, view.spacing, points, labels)
         assert result.mask[fg[:, 0], fg[:, 1]].all()
         assert not result.mask[bg[:, 0], bg[:, 1]].any()
+
+
+def test_the_next_round_is_fed_the_repairs_the_user_saw(lite_model, spleen_slice):
+    """A background click the model ignores (deep inside the organ, with the organ's box) is cut out of the
+    answer and out of the logits fed to the next round, so the next answer and the next correction start
+    from what the user saw; with ``repair_logit = 0`` the fed logits are the model's own there."""
+    from scipy import ndimage
+
+    from lib.core.prompts import mask_box
+
+    image, gt, view, window = spleen_slice
+    core = np.argwhere(ndimage.binary_erosion(gt, iterations=6))
+    click = core[len(core) // 2][None]
+    fed = {}
+    for value in (4.0, 0.0):
+        predictor = SlicePredictor(LoadedModel(lite_model, 0, "base"), EmbeddingCache(64), PreprocessSettings(),
+                                   InferenceSettings(repair_logit=value))
+        result = predictor.predict(image, window, view.spacing, click, np.array([0]), box_rc=mask_box(gt))
+        assert not result.mask[click[0, 0], click[0, 1]]
+        _, frame, _, _ = predictor.embed(image, window, view.spacing)
+        fed[value] = frame.logits_to_slice(result.low_res_logits)[0, 0].numpy()[click[0, 0], click[0, 1]]
+    assert fed[0.0] > 0  # the model's own answer kept the clicked pixel: the repair alone removed it
+    assert fed[4.0] < 0  # and the next round is told so
 
 
 def test_a_lone_click_on_a_large_organ_is_answered_at_the_organs_scale():

@@ -179,8 +179,10 @@ def test_published_adapters_are_hot_reloaded_and_old_embeddings_dropped(tiny_seg
 def test_a_lone_click_gets_three_masks_only_from_adapters_trained_for_it(tiny_segmenter):
     volume = load_volume(SAMPLE / "spleen_ct.nii.gz")
     loaded = tiny_segmenter.current()
-    own = tiny_segmenter.predictor(loaded)  # the lone click's own answer: no scale candidates
-    predictor = SlicePredictor(loaded, own.cache, own.preprocessing, replace(own.inference, lone_click_scales_mm=()))
+    own = tiny_segmenter.predictor(loaded)  # the lone click's own answer: no scale candidates, and the logits
+    # as the decoder gives them (not made to give the shown answer for the next round)
+    predictor = SlicePredictor(loaded, own.cache, own.preprocessing,
+                               replace(own.inference, lone_click_scales_mm=(), repair_logit=0.0))
     view = SliceView.from_affine(volume.affine, 2)
     window = tiny_segmenter.window(volume)
     image = view.slice(volume.array, 12)

@@ -286,10 +286,10 @@ def test_served_sessions_refine_what_inference_shows_and_never_train_the_first_a
             assert torch.isfinite(loss) and all(calls[-1]), "the trained round is a correction round"
     # a correction: the leak under the background click goes, an unrelated change is not taken
     previous = torch.full((1, 1, 8, 8), -5.0)
-    previous[..., :3, :3] = 5.0
-    previous[..., 5:, 5:] = 5.0  # a leak, clicked away at (6, 6)
+    previous[..., :5, :5] = 5.0
+    previous[..., 6:, 6:] = 5.0  # a leak, clicked away at (7, 7)
     new = previous.clone()
-    new[..., 5:, 5:] = -5.0  # the model removed it ...
-    new[..., :3, 5:] = 5.0  # ... and grew elsewhere (9 pixels: more than a quarter of the previous 18)
-    kept = served.correction(previous, new, [(1, 1, 1), (6, 6, 0)])
-    assert kept[0, 0, 6, 6] < 0 and kept[0, 0, 1, 1] > 0 and not (kept[0, 0, :3, 5:] > 0).any()
+    new[..., 6:, 6:] = -5.0  # the model removed it ...
+    new[..., :3, 6:] = 5.0  # ... and grew elsewhere, where no click asked
+    kept = served.correction(previous, new, [(1, 1, 1), (7, 7, 0)])
+    assert kept[0, 0, 7, 7] < 0 and kept[0, 0, 1, 1] > 0 and not (kept[0, 0, :3, 6:] > 0).any()

@@ -96,7 +96,7 @@ def local_correction(
     background_rc: np.ndarray,
     total_share: float = 0.0,
     reach: int = 2,
-    max_removal: float = 0.5,
+    max_removal: float = 0.25,
 ) -> np.ndarray:
     """A correction click changes the answer only where it was wrong, and only the way it asks: a
     foreground click the previous answer missed takes the new answer's additions that touch it (within

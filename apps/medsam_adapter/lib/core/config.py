@@ -115,12 +115,19 @@ class InferenceSettings:
     lone_click_adapter_margin: float = 6.0
     # every foreground click inside the answer and every background click outside it (local repair)
     respect_clicks: bool = True
+    # the logits fed to the next round give the answer shown: +repair_logit where it shows what they would
+    # not (a click's repair), -repair_logit where they hold what it does not (0: the logits as they come)
+    repair_logit: float = 4.0
     # a correction click (previous logits fed back) changes the answer only where the previous answer got
     # a click wrong, and only the way that click asks: the additions touching a missed foreground click, the
     # removals touching a held background click; the rest of the previous answer is kept unless the other
     # changes together are at most local_total_share of the previous answer's area (a refinement)
     local_corrections: bool = True
     local_total_share: float = 0.0
+    # ... and never takes a removal, at a background click, of more than this share of the previous answer
+    # (the previous answer stays there; respect_clicks cuts around the click): a negative click on a leak
+    # must not take a large part of the object with it
+    local_max_removal: float = 0.25
     # box-only requests with the profile's shipped (click) adapters: true uses them, false the bare base
     # model (boxes are what the base model was trained for); adapters from training rounds always serve boxes
     boxes_with_shipped_adapters: bool = False
@@ -250,11 +257,12 @@ def parse_profile(data: dict[str, Any], source: Path | None = None) -> ModelProf
             raise ProfileError(f"{where}: [inference].{option} must be auto, always or never")
     check_encoder_runtime(inference.encoder_runtime, f"{where}: [inference].encoder_runtime")
     check_encoder_runtime(inference.decoder_runtime, f"{where}: [inference].decoder_runtime", DECODER_RUNTIMES)
-    for option in ("lone_click_alone_margin", "lone_click_adapter_margin"):
+    for option in ("lone_click_alone_margin", "lone_click_adapter_margin", "repair_logit"):
         if not getattr(inference, option) >= 0:
             raise ProfileError(f"{where}: [inference].{option} must be at least 0")
-    if not 0 <= inference.local_total_share <= 1:
-        raise ProfileError(f"{where}: [inference].local_total_share must be between 0 and 1")
+    for option in ("local_total_share", "local_max_removal"):
+        if not 0 <= getattr(inference, option) <= 1:
+            raise ProfileError(f"{where}: [inference].{option} must be between 0 and 1")
     trainable = data.pop("trainable", list(TRAINABLE_PARTS))
     if not isinstance(trainable, list) or any(p not in TRAINABLE_PARTS for p in trainable):
         raise ProfileError(f"{where}: `trainable` must be a list drawn from {list(TRAINABLE_PARTS)}")

@@ -157,7 +157,8 @@ class SlicePredictor:
             if mask_logits is not None and self.inference.local_corrections:
                 with torch.inference_mode():
                     previous = (frame.logits_to_slice(mask_logits)[0, 0] > 0).cpu().numpy()
-                mask = local_correction(previous, mask, fg, bg, self.inference.local_total_share)
+                mask = local_correction(previous, mask, fg, bg, self.inference.local_total_share,
+                                        max_removal=self.inference.local_max_removal)
                 # the next round is fed the previous logits where the previous answer was kept
                 answer = frame.labels_to_low_res(mask.astype(np.int64), tuple(low_res.shape[-2:])) > 0
                 differs = torch.as_tensor(answer != (low_res[0, 0] > 0).cpu().numpy(), device=low_res.device)
@@ -166,6 +167,7 @@ class SlicePredictor:
                 scale = min(frame.scale_r, frame.scale_c)
                 radius = max(1.5, self.model.img_size / self.model.low_res_size[0] / scale)
                 mask = respect_clicks(mask, fg, bg, radius)
+            low_res = self._fed_back(frame, low_res, mask)
         dec_ms = (time.perf_counter() - start) * 1e3
         return SliceResult(
             mask=mask,
@@ -174,6 +176,26 @@ class SlicePredictor:
             embedding_cached=cached,
             timings_ms={"encoder": 0.0 if cached else enc_ms, "decoder": dec_ms},
         )
+
+    def _fed_back(self, frame: LetterboxFrame, low_res: Tensor, shown: np.ndarray) -> Tensor:
+        """The logits fed to the next round, made to give the answer the user saw: where ``low_res`` would
+        give another one (the repairs of :func:`respect_clicks`, the seams of a local correction), they are
+        set to ``+repair_logit`` (shown, not in the logits) or ``-repair_logit`` (in the logits, not shown),
+        so the next answer and the next correction's idea of the previous answer start from it."""
+        value = self.inference.repair_logit
+        if value == 0:
+            return low_res
+        with torch.inference_mode():
+            own = (frame.logits_to_slice(low_res)[0, 0] > 0).cpu().numpy()
+        if np.array_equal(own, shown):
+            return low_res
+        shape = tuple(low_res.shape[-2:])
+        added = torch.as_tensor(frame.labels_to_low_res((shown & ~own).astype(np.int64), shape) > 0)
+        removed = torch.as_tensor(frame.labels_to_low_res((own & ~shown).astype(np.int64), shape) > 0)
+        fed = low_res.clone()
+        fed[0, 0][added.to(fed.device)] = value
+        fed[0, 0][removed.to(fed.device)] = -value
+        return fed
 
     def _on_this_embedding(self, version: Callable[[], LoadedModel | None] | None) -> LoadedModel | None:
         """The model version ``version`` gives when it shares this model's embedding, else None (another

@@ -81,6 +81,7 @@ class ServedAnswers:
         prev_mask, new_mask = previous[0, 0].cpu().numpy() > 0, new[0, 0].cpu().numpy() > 0
         fg = np.array([(r, c) for r, c, lab in clicks if lab == 1], dtype=np.int64).reshape(-1, 2)
         bg = np.array([(r, c) for r, c, lab in clicks if lab == 0], dtype=np.int64).reshape(-1, 2)
-        kept = local_correction(prev_mask, new_mask, fg, bg, self.inference.local_total_share)
+        kept = local_correction(prev_mask, new_mask, fg, bg, self.inference.local_total_share,
+                                max_removal=self.inference.local_max_removal)
         differs = torch.as_tensor(kept != new_mask, device=new.device)
         return torch.where(differs, previous.to(new.dtype), new)
