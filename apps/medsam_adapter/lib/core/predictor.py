@@ -189,13 +189,10 @@ class SlicePredictor:
             own = (frame.logits_to_slice(low_res)[0, 0] > 0).cpu().numpy()
         if np.array_equal(own, shown):
             return low_res
-        shape = tuple(low_res.shape[-2:])
-        added = torch.as_tensor(frame.labels_to_low_res((shown & ~own).astype(np.int64), shape) > 0)
-        removed = torch.as_tensor(frame.labels_to_low_res((own & ~shown).astype(np.int64), shape) > 0)
-        fed = low_res.clone()
-        fed[0, 0][added.to(fed.device)] = value
-        fed[0, 0][removed.to(fed.device)] = -value
-        return fed
+        # +1 shown only, -1 in the logits only, mapped to the low-res frame in one pass
+        change = frame.labels_to_low_res(shown.astype(np.int64) - own, tuple(low_res.shape[-2:]))
+        change = torch.as_tensor(change, dtype=low_res.dtype, device=low_res.device)
+        return torch.where(change != 0, value * change, low_res)
 
     def _on_this_embedding(self, version: Callable[[], LoadedModel | None] | None) -> LoadedModel | None:
         """The model version ``version`` gives when it shares this model's embedding, else None (another
