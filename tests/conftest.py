@@ -42,6 +42,22 @@ def lite_model():
     return AdaptedSam(build_backbone("lite_medsam"), AdapterSettings(), labels=("spleen",))
 
 
+@pytest.fixture(scope="module")
+def spleen_slice():
+    """Slice 12 of the sample spleen CT (display orientation), its spleen label, the view and the window."""
+    from lib.core.config import PreprocessSettings
+    from lib.core.orientation import SliceView
+    from lib.core.preprocess import choose_window
+    from lib.core.volume import load_volume
+
+    image = load_volume(SAMPLE / "spleen_ct.nii.gz")
+    label = load_volume(SAMPLE / "reference" / "spleen_ct.nii.gz")
+    view = SliceView.from_affine(image.affine, 2)
+    k = 12
+    return view.slice(image.array, k), view.slice(label.array, k) > 0, view, choose_window(image.array,
+                                                                                           PreprocessSettings())
+
+
 def series_uid(folder: Path) -> str:
     return str(pydicom.dcmread(next(folder.glob("*.dcm")), stop_before_pixels=True).SeriesInstanceUID)
 

@@ -5,15 +5,12 @@ from __future__ import annotations
 from dataclasses import replace
 
 import numpy as np
-import pytest
 
 from conftest import APP, SAMPLE
 from lib.core.cache import EmbeddingCache
 from lib.core.clicks import boxes_at_scales, local_correction, pick_scale, respect_clicks, side_contact, stability
 from lib.core.config import InferenceSettings, PreprocessSettings
-from lib.core.orientation import SliceView
 from lib.core.predictor import LoadedModel, SlicePredictor
-from lib.core.preprocess import choose_window
 from lib.core.volume import load_volume
 
 
@@ -79,16 +76,6 @@ def test_side_contact_ignores_sides_on_the_slice_border():
     mask[5:15, 0:10] = True
     assert side_contact(mask, (5, 0, 14, 9)) > 0  # runs along the box's top, bottom and right sides
     assert side_contact(mask, (2, 0, 17, 12)) == 0  # the mask is inside the box; the left side is the border
-
-
-@pytest.fixture(scope="module")
-def spleen_slice():
-    image = load_volume(SAMPLE / "spleen_ct.nii.gz")
-    label = load_volume(SAMPLE / "reference" / "spleen_ct.nii.gz")
-    view = SliceView.from_affine(image.affine, 2)
-    k = 12
-    return view.slice(image.array, k), view.slice(label.array, k) > 0, view, choose_window(image.array,
-                                                                                           PreprocessSettings())
 
 
 def test_a_correction_click_changes_only_the_region_it_was_about():

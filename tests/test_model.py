@@ -161,6 +161,8 @@ def test_shipped_profiles_parse(tmp_path):
         ('name = "x"\nbackbone = "tiny"\nlabels = ["background"]', "background"),
         ('name = "x"\nbackbone = "tiny"\n[preprocessing]\nct_window = "liver"', "ct_window"),
         ('name = "x"\nbackbone = "tiny"\n[preprocessing]\nintensity = "zscore"', "intensity"),
+        ('name = "x"\nbackbone = "tiny"\n[inference]\nfeature_repair_reach = 0', "feature_repair_reach"),
+        ('name = "x"\nbackbone = "tiny"\n[inference]\nfeature_repair_margin = 3', "feature_repair_margin"),
         ("name = [", "TOML"),
     ],
 )

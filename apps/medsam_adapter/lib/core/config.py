@@ -118,6 +118,13 @@ class InferenceSettings:
     # the logits fed to the next round give the answer shown: +repair_logit where it shows what they would
     # not (a click's repair), -repair_logit where they hold what it does not (0: the logits as they come)
     repair_logit: float = 4.0
+    # a correction click the model ignored also changes the region its image-embedding token says it is
+    # about (lib/core/click_features.py): the connected pixels whose tokens are more like the clicked one
+    # than like the other side by feature_repair_margin (cosine), within feature_repair_reach times the
+    # answer's equivalent radius of the click; a removal over local_max_removal of the answer is not taken
+    feature_repair: bool = True
+    feature_repair_reach: float = 0.5
+    feature_repair_margin: float = 0.05
     # a correction click (previous logits fed back) changes the answer only where the previous answer got
     # a click wrong, and only the way that click asks: the additions touching a missed foreground click, the
     # removals touching a held background click; the rest of the previous answer is kept unless the other
@@ -260,6 +267,10 @@ def parse_profile(data: dict[str, Any], source: Path | None = None) -> ModelProf
     for option in ("lone_click_alone_margin", "lone_click_adapter_margin", "repair_logit"):
         if not getattr(inference, option) >= 0:
             raise ProfileError(f"{where}: [inference].{option} must be at least 0")
+    if not 0 < inference.feature_repair_reach <= 4:
+        raise ProfileError(f"{where}: [inference].feature_repair_reach must be above 0 and at most 4")
+    if not -2 < inference.feature_repair_margin < 2:
+        raise ProfileError(f"{where}: [inference].feature_repair_margin must be between -2 and 2 (a cosine difference)")
     for option in ("local_total_share", "local_max_removal"):
         if not 0 <= getattr(inference, option) <= 1:
             raise ProfileError(f"{where}: [inference].{option} must be between 0 and 1")

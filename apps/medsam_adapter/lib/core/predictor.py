@@ -11,6 +11,7 @@ import torch
 from torch import Tensor
 
 from .cache import EmbeddingCache, content_key
+from .click_features import TokenSimilarity, repair_with_features
 from .clicks import boxes_at_scales, local_correction, pick_scale, respect_clicks
 from .config import InferenceSettings, PreprocessSettings
 from .model import AdaptedSam, Decoded, lone_click
@@ -166,7 +167,13 @@ class SlicePredictor:
             if self.inference.respect_clicks:
                 scale = min(frame.scale_r, frame.scale_c)
                 radius = max(1.5, self.model.img_size / self.model.low_res_size[0] / scale)
-                mask = respect_clicks(mask, fg, bg, radius)
+                if mask_logits is not None and self.inference.feature_repair:
+                    similarity = TokenSimilarity(embedding, frame, self.model.img_size, self.model.low_res_size)
+                    settings = self.inference
+                    mask = repair_with_features(mask, fg, bg, similarity, radius, settings.feature_repair_reach,
+                                                settings.feature_repair_margin, settings.local_max_removal)
+                else:
+                    mask = respect_clicks(mask, fg, bg, radius)
             low_res = self._fed_back(frame, low_res, mask)
         dec_ms = (time.perf_counter() - start) * 1e3
         return SliceResult(
