@@ -18,6 +18,7 @@ from torch import Tensor
 
 from .clicks import respect_clicks
 from .preprocess import LetterboxFrame
+from .prompts import mask_box
 
 
 class TokenSimilarity:
@@ -99,7 +100,8 @@ def feature_regions(
         reach_px = limit
         if len(others):
             reach_px = min(reach_px, 0.5 * float(np.sqrt(((others - (r, c)) ** 2).sum(1)).min()))
-        window = _around(out.shape, r, c, r, c, int(np.ceil(reach_px)))  # nothing further can be taken
+        m = int(np.ceil(reach_px))  # nothing further can be taken
+        window = _rows_cols((max(0, r - m), max(0, c - m), min(out.shape[0] - 1, r + m), min(out.shape[1] - 1, c + m)))
         rr, cc = np.ogrid[window[0].start - r : window[0].stop - r, window[1].start - c : window[1].stop - c]
         candidate = (score[window] > margin) & (rr**2 + cc**2 <= reach_px**2)
         if within is not None:
@@ -113,8 +115,7 @@ def feature_regions(
     for r, c in fg:
         if out[r, c]:
             continue
-        box = _bounds(out)
-        window = _around(out.shape, *box, ring_px + 1)  # the ring lies within ring_px of the answer
+        window = _rows_cols(mask_box(out, ring_px + 1))  # the ring lies within ring_px of the answer
         ring = np.zeros(out.shape, dtype=bool)
         ring[window] = ndimage.binary_dilation(out[window], iterations=ring_px) & ~out[window]
         unlike = similarity.of_region(ring) + similarity.of_points(bg)
@@ -123,7 +124,7 @@ def feature_regions(
     for r, c in bg:
         if not out[r, c]:
             continue
-        window = _around(out.shape, *_bounds(out), 1)
+        window = _rows_cols(mask_box(out, 1))
         interior = np.zeros(out.shape, dtype=bool)
         interior[window] = ndimage.binary_erosion(out[window])
         like = similarity.of_region(interior if interior.any() else out) + similarity.of_points(fg)
@@ -133,16 +134,9 @@ def feature_regions(
     return out
 
 
-def _bounds(mask: np.ndarray) -> tuple[int, int, int, int]:
-    """Inclusive (r0, c0, r1, c1) of a non-empty mask."""
-    rows, cols = np.flatnonzero(mask.any(1)), np.flatnonzero(mask.any(0))
-    return int(rows[0]), int(cols[0]), int(rows[-1]), int(cols[-1])
-
-
-def _around(shape: tuple[int, int], r0: int, c0: int, r1: int, c1: int, margin: int) -> tuple[slice, slice]:
-    """The window of an inclusive box grown by ``margin`` pixels, clipped to the slice."""
-    return (slice(max(0, r0 - margin), min(shape[0], r1 + margin + 1)),
-            slice(max(0, c0 - margin), min(shape[1], c1 + margin + 1)))
+def _rows_cols(box: tuple[int, int, int, int]) -> tuple[slice, slice]:
+    """An inclusive (r0, c0, r1, c1) box as the slices that index it."""
+    return slice(box[0], box[2] + 1), slice(box[1], box[3] + 1)
 
 
 def repair_with_features(
