@@ -20,7 +20,6 @@ import json
 import statistics
 import sys
 import time
-import tomllib
 from dataclasses import replace
 from pathlib import Path
 
@@ -28,12 +27,20 @@ import numpy as np
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
+PROFILE = ROOT / "apps" / "medsam_adapter" / "configs" / "lite_medsam.toml"
 sys.path.insert(0, str(ROOT / "apps" / "medsam_adapter"))
 
 from lib.core.backbones import build_backbone  # noqa: E402
 from lib.core.cache import EmbeddingCache  # noqa: E402
 from lib.core.checkpoint import AdapterCheckpoint  # noqa: E402
-from lib.core.config import AdapterSettings, InferenceSettings, PreprocessSettings  # noqa: E402
+from lib.core.config import (  # noqa: E402
+    AdapterSettings,
+    InferenceSettings,
+    PreprocessSettings,
+    ProfileError,
+    load_profile,
+    setting_pairs,
+)
 from lib.core.model import AdaptedSam  # noqa: E402
 from lib.core.orientation import SliceView  # noqa: E402
 from lib.core.predictor import LoadedModel, SlicePredictor  # noqa: E402
@@ -83,10 +90,9 @@ def decoder_runtimes(repeats: int, other: dict | None = None) -> dict[str, float
     shipped click adapter's decoder run by torch and by OpenVINO (interleaved), and mask agreement.
     ``other``: also OpenVINO with these [inference] settings instead of the profile's (``openvino_other``),
     e.g. other lone-click scales or ``repair_logit = 0``."""
-    from lib.core.config import load_profile
     from lib.serving.decoder_runtime import RuntimeDecoder
 
-    profile = load_profile(ROOT / "apps" / "medsam_adapter" / "configs" / "lite_medsam.toml")
+    profile = load_profile(PROFILE)
     served = AdaptedSam.from_profile(profile)
     AdapterCheckpoint.load(profile.adapter_checkpoint).apply_to(served)
     bare = AdaptedSam.from_profile(replace(profile, adapter_checkpoint=None))
@@ -109,8 +115,9 @@ def decoder_runtimes(repeats: int, other: dict | None = None) -> dict[str, float
                                         bare=lambda b=bare_loaded: b, lone=lambda x=lone_loaded: x)
     if other:
         ov = runtimes["openvino_fp32"]
+        inference = load_profile(PROFILE, other).inference  # validated like the profile file
         runtimes["openvino_other"] = SlicePredictor(
-            ov.loaded, ov.cache, profile.preprocessing, replace(profile.inference, **other), bare=ov.bare, lone=ov.lone)
+            ov.loaded, ov.cache, profile.preprocessing, inference, bare=ov.bare, lone=ov.lone)
     image = load_volume(ROOT / "sample-data" / "abdomen_ct.nii.gz")
     label = load_volume(ROOT / "sample-data" / "reference" / "abdomen_ct.nii.gz")
     view = SliceView.from_affine(image.affine, 2)
@@ -140,7 +147,7 @@ def decoder_runtimes(repeats: int, other: dict | None = None) -> dict[str, float
                 agreement.append(1.0 if not (a.any() or b.any()) else 2 * (a & b).sum() / (a.sum() + b.sum()))
     out: dict[str, float] = {k: statistics.median(v) for k, v in times.items()}
     if other:
-        out["other_inference"] = {k: list(v) if isinstance(v, tuple) else v for k, v in other.items()}
+        out["other_inference"] = other
     for prompt in ("lone_click", "correction_click"):
         out[f"{prompt}_torch_over_openvino_ratio"] = round(
             out[f"torch_{prompt}"] / out[f"openvino_fp32_{prompt}"], 2)
@@ -162,12 +169,14 @@ def main() -> None:
     args = parser.parse_args()
     device = torch.device(args.device)
     if args.decoder_only:
-        other = {key: tomllib.loads(f"v = {value}")["v"] for key, _, value in
-                 (pair.partition("=") for pair in args.other_inference)}
-        other = {k: tuple(v) if isinstance(v, list) else v for k, v in other.items()}
-        scales = tuple(float(v) for v in args.other_scales.split(",") if v.strip())
-        if scales:
-            other["lone_click_scales_mm"] = scales
+        try:
+            scales = [float(v) for v in args.other_scales.split(",") if v.strip()]
+            other = setting_pairs(args.other_inference, "--other-inference")
+            if scales:
+                other["lone_click_scales_mm"] = scales
+            load_profile(PROFILE, other)  # a bad setting stops here, before anything is built
+        except (ProfileError, ValueError) as e:
+            raise SystemExit(str(e)) from None
         print(json.dumps({"threads": torch.get_num_threads(), **decoder_runtimes(args.repeats, other)}, indent=2))
         return
 

@@ -20,7 +20,6 @@ import os
 import platform
 import sys
 import time
-import tomllib
 from dataclasses import asdict, replace
 from pathlib import Path
 
@@ -31,7 +30,7 @@ APP = ROOT / "apps" / "medsam_adapter"
 sys.path.insert(0, str(APP))
 
 from lib.core.cache import StoredEmbeddingCache  # noqa: E402
-from lib.core.config import ProfileError, parse_profile  # noqa: E402
+from lib.core.config import ProfileError, load_profile, setting_pairs  # noqa: E402
 from lib.core.datasets import load_dataset, merge_structures  # noqa: E402
 from lib.core.engine import InteractiveSegmenter  # noqa: E402
 from lib.core.eval_backends import HttpBackend, InProcessBackend  # noqa: E402
@@ -46,28 +45,11 @@ from lib.core.evaluation import (  # noqa: E402
 from lib.serving.runtimes import RuntimeEncoder  # noqa: E402
 
 
-def inference_overrides(pairs: list[str]) -> dict:
-    """``--inference key=value`` pairs as a profile's [inference] table (values read as TOML)."""
-    table = {}
-    for pair in pairs:
-        key, sep, value = pair.partition("=")
-        if not sep:
-            sys.exit(f"--inference {pair}: expected key=value")
-        try:
-            table[key.strip()] = tomllib.loads(f"v = {value}")["v"]
-        except tomllib.TOMLDecodeError:
-            table[key.strip()] = value
-    return table
-
-
 def backend_for(method: str, profile_name: str, device: str | None, inference: dict, store: Path | None):
     if method.startswith(("http://", "https://")):
         return HttpBackend(method)
-    source = APP / "configs" / f"{profile_name}.toml"
-    data = tomllib.loads(source.read_text())
-    data["inference"] = {**data.get("inference", {}), **inference}
     try:
-        profile = parse_profile(data, source)
+        profile = load_profile(APP / "configs" / f"{profile_name}.toml", inference)
     except ProfileError as e:
         sys.exit(f"--inference: {e}")
     if method == "base":
@@ -212,6 +194,10 @@ def main() -> None:
     parser.add_argument("--append", action="store_true",
                         help="add these methods to an earlier results.json in --out (same dataset and settings)")
     args = parser.parse_args()
+    try:
+        overrides = setting_pairs(args.inference)
+    except ProfileError as e:
+        sys.exit(str(e))
 
     cases = load_dataset(args.dataset, args.labels, args.image_name, args.label_name)
     if args.cases:
@@ -251,7 +237,7 @@ def main() -> None:
     for spec in args.methods.split(","):
         start = time.time()
         method, _, source = spec.rpartition("=") if "=" in spec and "://" not in spec else (spec, "", spec)
-        backend = backend_for(source, args.profile, args.device, inference_overrides(args.inference),
+        backend = backend_for(source, args.profile, args.device, overrides,
                               args.embedding_store)
         slices, volumes = evaluate_cases(backend, cases, settings, structures,
                                          progress=lambda m, method=method: print(f"[{method}] {m}", flush=True))

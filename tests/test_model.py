@@ -10,7 +10,14 @@ import torch
 from conftest import APP
 from lib.core.backbones import BackboneError, build_backbone
 from lib.core.checkpoint import AdapterCheckpoint, CheckpointError
-from lib.core.config import AdapterSettings, ProfileError, load_profile, load_profiles, parse_profile
+from lib.core.config import (
+    AdapterSettings,
+    ProfileError,
+    load_profile,
+    load_profiles,
+    parse_profile,
+    setting_pairs,
+)
 from lib.core.model import AdaptedSam
 
 
@@ -171,6 +178,23 @@ def test_bad_profiles_fail_with_a_clear_message(tmp_path, text, message):
     path.write_text(text)
     with pytest.raises(ProfileError, match=message):
         load_profile(path)
+
+
+def test_command_line_settings_are_validated_like_the_profile_file():
+    """scripts/evaluate.py --inference and bench_predictor.py --other-inference: key=value pairs read as TOML
+    values, merged into the profile's [inference] table and checked by the same parser."""
+    shipped = APP / "configs" / "lite_medsam.toml"
+    pairs = setting_pairs(["feature_repair=false", "lone_click_scales_mm=[20, 40]", "encoder_runtime=torch"])
+    assert pairs == {"feature_repair": False, "lone_click_scales_mm": [20, 40], "encoder_runtime": "torch"}
+    inference = load_profile(shipped, pairs).inference
+    assert not inference.feature_repair and inference.lone_click_scales_mm == (20.0, 40.0)
+    assert load_profile(shipped).inference.feature_repair
+    with pytest.raises(ProfileError, match="expected key=value"):
+        setting_pairs(["feature_repair"])
+    with pytest.raises(ProfileError, match="feature_repair_reach"):
+        load_profile(shipped, {"feature_repair_reach": 9})
+    with pytest.raises(ProfileError, match="unknown key"):
+        load_profile(shipped, {"feature_repairs": True})
 
 
 def test_profile_paths_resolve_relative_to_the_profile(tmp_path):

@@ -302,8 +302,23 @@ def parse_profile(data: dict[str, Any], source: Path | None = None) -> ModelProf
     )
 
 
-def load_profile(path: str | Path) -> ModelProfile:
-    """Read and validate one profile file."""
+def setting_pairs(pairs: list[str], option: str = "--inference") -> dict[str, Any]:
+    """Command-line ``key=value`` pairs as a TOML table (values read as TOML, else kept as strings)."""
+    table: dict[str, Any] = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key.strip():
+            raise ProfileError(f"{option} {pair!r}: expected key=value")
+        try:
+            table[key.strip()] = tomllib.loads(f"v = {value}")["v"]
+        except tomllib.TOMLDecodeError:
+            table[key.strip()] = value
+    return table
+
+
+def load_profile(path: str | Path, inference: dict[str, Any] | None = None) -> ModelProfile:
+    """Read and validate one profile file; ``inference`` overrides keys of its [inference] table (validated
+    like the file's own)."""
     path = Path(path)
     try:
         data = tomllib.loads(path.read_text())
@@ -311,6 +326,8 @@ def load_profile(path: str | Path) -> ModelProfile:
         raise ProfileError(f"profile file not found: {path}") from None
     except tomllib.TOMLDecodeError as e:
         raise ProfileError(f"{path}: not valid TOML: {e}") from None
+    if inference:
+        data["inference"] = {**data.get("inference", {}), **inference}
     return parse_profile(data, source=path)
 
 
