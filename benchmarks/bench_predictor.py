@@ -93,6 +93,7 @@ def decoder_runtimes(repeats: int, other: dict | None = None) -> dict[str, float
     from lib.serving.decoder_runtime import RuntimeDecoder
 
     profile = load_profile(PROFILE)
+    other_inference = load_profile(PROFILE, other).inference if other else None  # validated before any build
     served = AdaptedSam.from_profile(profile)
     AdapterCheckpoint.load(profile.adapter_checkpoint).apply_to(served)
     bare = AdaptedSam.from_profile(replace(profile, adapter_checkpoint=None))
@@ -115,9 +116,8 @@ def decoder_runtimes(repeats: int, other: dict | None = None) -> dict[str, float
                                         bare=lambda b=bare_loaded: b, lone=lambda x=lone_loaded: x)
     if other:
         ov = runtimes["openvino_fp32"]
-        inference = load_profile(PROFILE, other).inference  # validated like the profile file
         runtimes["openvino_other"] = SlicePredictor(
-            ov.loaded, ov.cache, profile.preprocessing, inference, bare=ov.bare, lone=ov.lone)
+            ov.loaded, ov.cache, profile.preprocessing, other_inference, bare=ov.bare, lone=ov.lone)
     image = load_volume(ROOT / "sample-data" / "abdomen_ct.nii.gz")
     label = load_volume(ROOT / "sample-data" / "reference" / "abdomen_ct.nii.gz")
     view = SliceView.from_affine(image.affine, 2)
@@ -172,12 +172,15 @@ def main() -> None:
         try:
             scales = [float(v) for v in args.other_scales.split(",") if v.strip()]
             other = setting_pairs(args.other_inference, "--other-inference")
-            if scales:
-                other["lone_click_scales_mm"] = scales
-            load_profile(PROFILE, other)  # a bad setting stops here, before anything is built
         except (ProfileError, ValueError) as e:
             raise SystemExit(str(e)) from None
-        print(json.dumps({"threads": torch.get_num_threads(), **decoder_runtimes(args.repeats, other)}, indent=2))
+        if scales:
+            other["lone_click_scales_mm"] = scales
+        try:
+            result = decoder_runtimes(args.repeats, other)  # a bad setting stops it before anything is built
+        except ProfileError as e:
+            raise SystemExit(str(e)) from None
+        print(json.dumps({"threads": torch.get_num_threads(), **result}, indent=2))
         return
 
     base = build_backbone("lite_medsam").to(device)

@@ -18,7 +18,7 @@ from torch import Tensor
 
 from .clicks import respect_clicks
 from .preprocess import LetterboxFrame
-from .prompts import mask_box
+from .prompts import grow_box, mask_box
 
 
 class TokenSimilarity:
@@ -100,8 +100,7 @@ def feature_regions(
         reach_px = limit
         if len(others):
             reach_px = min(reach_px, 0.5 * float(np.sqrt(((others - (r, c)) ** 2).sum(1)).min()))
-        m = int(np.ceil(reach_px))  # nothing further can be taken
-        window = _rows_cols((max(0, r - m), max(0, c - m), min(out.shape[0] - 1, r + m), min(out.shape[1] - 1, c + m)))
+        window = _rows_cols(grow_box((r, c, r, c), int(np.ceil(reach_px)), out.shape))  # nothing further is taken
         rr, cc = np.ogrid[window[0].start - r : window[0].stop - r, window[1].start - c : window[1].stop - c]
         candidate = (score[window] > margin) & (rr**2 + cc**2 <= reach_px**2)
         if within is not None:

@@ -129,10 +129,10 @@ def mask_box(mask: np.ndarray, margin: int = 0) -> tuple[int, int, int, int] | N
     if rows.size == 0:
         return None
     cols = np.flatnonzero(mask.any(axis=0))
-    h, w = mask.shape
-    return (
-        max(int(rows[0]) - margin, 0),
-        max(int(cols[0]) - margin, 0),
-        min(int(rows[-1]) + margin, h - 1),
-        min(int(cols[-1]) + margin, w - 1),
-    )
+    return grow_box((int(rows[0]), int(cols[0]), int(rows[-1]), int(cols[-1])), margin, mask.shape)
+
+
+def grow_box(box: tuple[int, int, int, int], margin: int, shape: tuple[int, ...]) -> tuple[int, int, int, int]:
+    """An inclusive box (r0, c0, r1, c1) enlarged by ``margin`` pixels and clipped to a 2D ``shape``."""
+    r0, c0, r1, c1 = box
+    return max(r0 - margin, 0), max(c0 - margin, 0), min(r1 + margin, shape[0] - 1), min(c1 + margin, shape[1] - 1)
