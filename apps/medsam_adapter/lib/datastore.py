@@ -4,21 +4,30 @@ Over MONAI Label's ``LocalDatastore`` it adds: ids and tags that cannot name a p
 datastore; uploads checked (size, readable 3D image, label in the image's exact grid and geometry)
 before anything on disk changes; atomic writes (temporary file, fsync, rename) of images, labels and
 ``datastore_v2.json``; and a history that keeps every replaced or removed label.
+
+Several processes share one datastore: the server, and the subprocesses MONAI Label starts for scoring
+and training, each with its own copy of ``datastore_v2.json`` in memory. Every change is therefore a
+transaction under the folder's file lock: reload the file if another process replaced it, apply the
+change, write. (MONAI Label's own read-modify-write wrote a stale copy: a scoring subprocess started
+before a label was saved dropped that label from the file when it stored its scores.)
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 import shutil
-import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 from fastapi import HTTPException
 from filelock import FileLock
-from monailabel.datastore.local import DataModel, ImageLabelModel, LocalDatastore
+from monailabel.datastore.local import DataModel, ImageLabelModel, LocalDatastore, LocalDatastoreModel
+from watchdog.events import FileSystemEvent
 
 from lib.core.atomic import atomic_write
 from lib.core.volume import VolumeError, label_problem, load_volume
@@ -26,6 +35,7 @@ from lib.core.volume import VolumeError, label_problem, load_volume
 SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,199}$")
 HISTORY_DIR = ".label_history"
 DEFAULT_MAX_UPLOAD_MB = 2048.0
+logger = logging.getLogger(__name__)
 FILE_MODE = 0o644  # what shutil.copy would give; mkstemp's 0600 would hide files from other users
 
 
@@ -58,12 +68,78 @@ def fsync_copy(source: str | Path, destination: Path) -> None:
 
 
 class GuardedDatastore(LocalDatastore):
-    """``LocalDatastore`` with input checks, atomic writes and a label history (see module doc)."""
+    """``LocalDatastore`` with input checks, atomic writes, a label history and changes made as
+    transactions across processes (see module doc)."""
 
     def __init__(self, datastore_path: str, max_upload_mb: float, **kwargs: Any) -> None:
         self.max_upload_bytes = int(max_upload_mb * 1024 * 1024)
-        self._write_lock = threading.Lock()
+        # one lock object: re-entrant within a thread, exclusive between threads and processes
+        self._lock = FileLock(os.path.join(datastore_path, ".lock"))
+        self._loaded: tuple[int, int, int] | None = None  # (inode, mtime ns, size) of the file in memory
         super().__init__(datastore_path, **kwargs)
+        handler = getattr(self, "_handler", None)
+        if handler is not None:  # auto reload: atomic writes by other processes arrive as moves
+            handler.on_moved = self._on_moved_event
+
+    # -- the file shared with other processes ------------------------------------------------------
+    def _file_identity(self) -> tuple[int, int, int] | None:
+        try:
+            st = os.stat(self._datastore_config_path)
+        except FileNotFoundError:
+            return None
+        return st.st_ino, st.st_mtime_ns, st.st_size
+
+    def _init_from_datastore_file(self, throw_exception: bool = False) -> None:
+        """Load ``datastore_v2.json`` unless the copy in memory is the one on disk."""
+        with self._lock:
+            identity = self._file_identity()
+            if identity is None or identity == self._loaded:
+                return
+            try:
+                text = Path(self._datastore_config_path).read_text()
+                model = LocalDatastoreModel.model_validate_json(text)
+            except ValueError as e:
+                if throw_exception:
+                    raise
+                logger.error("datastore file not reloaded: %s", e)
+                return
+            model.base_path = self._datastore_path
+            self._datastore, self._loaded = model, identity
+            self._config_ts = os.stat(self._datastore_config_path).st_mtime
+
+    def _update_datastore_file(self, lock: bool = True) -> None:
+        """Write ``datastore_v2.json`` atomically: a server killed mid-write must still start."""
+        with self._lock:
+            self._ignore_event_config = True
+            path = Path(self._datastore_config_path)
+            with atomic_write(path, mode="w", suffix=".partial", file_mode=FILE_MODE) as fh:
+                fh.write(self._datastore.model_dump_json(exclude={"base_path"}, indent=2))
+            self._loaded = self._file_identity()
+            self._config_ts = os.stat(path).st_mtime
+
+    @contextmanager
+    def _transaction(self) -> Iterator[None]:
+        """Hold the lock, start from the file on disk, write it back when the block succeeds."""
+        with self._lock:
+            self._init_from_datastore_file()
+            try:
+                yield
+            except BaseException:
+                self._loaded = None  # memory may hold half a change: start again from the file
+                self._init_from_datastore_file()
+                raise
+            self._update_datastore_file()
+
+    def _reconcile_datastore(self) -> None:
+        """MONAI Label's reconciliation with the files on disk, as one transaction."""
+        with self._lock:
+            super()._reconcile_datastore()
+
+    def _on_moved_event(self, event: FileSystemEvent) -> None:
+        if os.fsdecode(event.dest_path) == self._datastore_config_path:
+            self._init_from_datastore_file()
+        else:
+            self.refresh()  # an image or label moved into (or out of) the datastore
 
     # -- checks -----------------------------------------------------------------------------------
     def _check_upload(self, filename: str) -> None:
@@ -103,14 +179,14 @@ class GuardedDatastore(LocalDatastore):
         folder.mkdir(parents=True, exist_ok=True)
         fsync_copy(current, folder / f"{time.time_ns()}{ext}")
 
-    # -- writes -----------------------------------------------------------------------------------
+    # -- writes (each one a transaction) ---------------------------------------------------------
     def add_image(self, image_id: str, image_filename: str, image_info: dict[str, Any]) -> str:
         derived, image_ext = self._to_id(os.path.basename(image_filename))
         image_id = check_name(image_id or derived, "image id")
         self._check_upload(image_filename)
         self._read(image_filename, "image")
         dest = Path(self._datastore.image_path()) / self._filename(image_id, image_ext)
-        with self._write_lock, FileLock(self._lock_file):
+        with self._transaction():
             if image_id in self._datastore.objects:
                 raise HTTPException(
                     status_code=409, detail=f"image {image_id!r} exists already; its labels refer to it"
@@ -118,12 +194,11 @@ class GuardedDatastore(LocalDatastore):
             fsync_copy(image_filename, dest)
             info = dict(image_info or {}, ts=int(time.time()), name=dest.name)
             self._datastore.objects[image_id] = ImageLabelModel(image=DataModel(info=info, ext=image_ext))
-            self._update_datastore_file(lock=False)
         return image_id
 
     def save_label(self, image_id: str, label_filename: str, label_tag: str, label_info: dict[str, Any]) -> str:
         check_name(label_tag, "label tag")
-        obj = self._known_image(image_id)
+        self._known_image(image_id)
         self._check_upload(label_filename)
         label = self._read(label_filename, "label")
         image = self._read(self.get_image_uri(image_id), "stored image")
@@ -133,7 +208,8 @@ class GuardedDatastore(LocalDatastore):
         _, label_ext = self._to_id(os.path.basename(label_filename))
         folder = Path(self._datastore.label_path(label_tag))
         dest = folder / self._filename(image_id, label_ext)
-        with self._write_lock, FileLock(self._lock_file):
+        with self._transaction():
+            obj = self._known_image(image_id)
             folder.mkdir(parents=True, exist_ok=True)
             previous = obj.labels.get(label_tag)
             if previous is not None:
@@ -145,37 +221,40 @@ class GuardedDatastore(LocalDatastore):
             fsync_copy(label_filename, dest)
             info = dict(label_info or {}, ts=int(time.time()), name=dest.name)
             obj.labels[label_tag] = DataModel(info=info, ext=label_ext)
-            self._update_datastore_file(lock=False)
         return image_id
+
+    def _drop_label(self, obj: ImageLabelModel, image_id: str, tag: str) -> None:
+        """Archive the ``tag`` label of ``image_id``, then remove it (file and entry)."""
+        label = obj.labels.pop(tag)
+        current = Path(self._datastore.label_path(tag)) / self._filename(image_id, label.ext)
+        if current.is_file():
+            self._archive(current, image_id, tag, label.ext)
+            current.unlink()
 
     def remove_label(self, label_id: str, label_tag: str) -> None:
         check_name(label_tag, "label tag")
-        obj = self._known_image(label_id)
-        label = obj.labels.get(label_tag)
-        if label is None:
-            raise HTTPException(status_code=404, detail=f"image {label_id!r} has no {label_tag!r} label")
-        current = Path(self._datastore.label_path(label_tag)) / self._filename(label_id, label.ext)
-        with self._write_lock:
-            if current.is_file():
-                self._archive(current, label_id, label_tag, label.ext)
-        super().remove_label(label_id, label_tag)
+        with self._transaction():
+            obj = self._known_image(label_id)
+            if label_tag not in obj.labels:
+                raise HTTPException(status_code=404, detail=f"image {label_id!r} has no {label_tag!r} label")
+            self._drop_label(obj, label_id, label_tag)
 
     def remove_image(self, image_id: str) -> None:
-        self._known_image(image_id)
-        super().remove_image(image_id)
+        with self._transaction():
+            obj = self._known_image(image_id)
+            for tag in list(obj.labels):
+                self._drop_label(obj, image_id, tag)
+            image = Path(self._datastore.image_path()) / self._filename(image_id, obj.image.ext)
+            image.unlink(missing_ok=True)
+            del self._datastore.objects[image_id]
 
-    def _update_datastore_file(self, lock: bool = True) -> None:
-        """Write ``datastore_v2.json`` atomically: a server killed mid-write must still start."""
+    def update_image_info(self, image_id: str, info: dict[str, Any]) -> None:
+        with self._transaction():
+            self._known_image(image_id).image.info.update(info)
 
-        def write() -> None:
-            self._ignore_event_config = True
-            path = Path(self._datastore_config_path)
-            with atomic_write(path, mode="w", suffix=".partial", file_mode=FILE_MODE) as fh:
-                fh.write(self._datastore.model_dump_json(exclude={"base_path"}, indent=2))
-            self._config_ts = os.stat(path).st_mtime
-
-        if lock:
-            with FileLock(self._lock_file):
-                write()
-        else:
-            write()
+    def update_label_info(self, label_id: str, label_tag: str, info: dict[str, Any]) -> None:
+        with self._transaction():
+            label = self._known_image(label_id).labels.get(label_tag)
+            if label is None:
+                raise HTTPException(status_code=404, detail=f"image {label_id!r} has no {label_tag!r} label")
+            label.info.update(info)
