@@ -108,9 +108,9 @@ class GuardedDatastore(LocalDatastore):
             self._config_ts = os.stat(self._datastore_config_path).st_mtime
 
     def _update_datastore_file(self, lock: bool = True) -> None:
-        """Write ``datastore_v2.json`` atomically: a server killed mid-write must still start."""
+        """Write ``datastore_v2.json`` atomically: a server killed mid-write must still start. (``lock`` is
+        MONAI Label's argument; the lock here is re-entrant, so it is always taken.)"""
         with self._lock:
-            self._ignore_event_config = True
             path = Path(self._datastore_config_path)
             with atomic_write(path, mode="w", suffix=".partial", file_mode=FILE_MODE) as fh:
                 fh.write(self._datastore.model_dump_json(exclude={"base_path"}, indent=2))
