@@ -223,8 +223,9 @@ def encode_cost(designs: list[str], repeats: int) -> list[dict]:
 
 
 def configurations(designs: list[str], heads: list[str]) -> list[tuple[str, str]]:
-    """Each design with the default head, and each other head with the default design."""
-    out = [(d, "decoder") for d in designs]
+    """Each design with the default head, and each other head with the default design (``--designs msa
+    --heads unet`` is the one round msa / unet: the default design's decoder round only when asked for)."""
+    out = [(d, "decoder") for d in designs if d != "msa" or "decoder" in heads]
     out += [("msa", h) for h in heads if h != "decoder" and ("msa", h) not in out]
     return out
 

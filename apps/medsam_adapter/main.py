@@ -106,6 +106,7 @@ class MedSamAdapterApp(MONAILabelApp):
             for segmenter in self.segmenters.values():
                 segmenter.pinned_version = int(conf["adapter_version"])
         self.auto_train_after = int(conf.get("auto_train_after", "0") or 0)
+        self._label_count_lock = threading.Lock()  # saves arrive on several worker threads at once
         self.max_upload_mb = max_upload_mb(conf)
         super().__init__(
             app_dir=app_dir,
@@ -198,15 +199,16 @@ class MedSamAdapterApp(MONAILabelApp):
         if self.auto_train_after <= 0 or not self._trainers:
             return result
         counter = Path(self.app_dir) / "model" / "labels_since_round.json"
-        try:
-            count = int(json.loads(counter.read_text()).get("count", 0)) + 1
-        except (OSError, ValueError):
-            count = 1
-        if count >= self.auto_train_after:
+        with self._label_count_lock:
+            try:
+                count = int(json.loads(counter.read_text()).get("count", 0)) + 1
+            except (OSError, ValueError):
+                count = 1
+            start_round = count >= self.auto_train_after
+            write_json_atomic(counter, {"count": 0 if start_round else count})
+        if start_round:
             logger.info("%d new labels: starting an automatic training round", count)
             self.async_training(next(iter(self._trainers)), enqueue=True)
-            count = 0
-        write_json_atomic(counter, {"count": count})
         return result
 
     def init_strategies(self) -> dict:
