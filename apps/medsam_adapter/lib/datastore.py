@@ -105,7 +105,6 @@ class GuardedDatastore(LocalDatastore):
                 return
             model.base_path = self._datastore_path
             self._datastore, self._loaded = model, identity
-            self._config_ts = os.stat(self._datastore_config_path).st_mtime
 
     def _update_datastore_file(self, lock: bool = True) -> None:
         """Write ``datastore_v2.json`` atomically: a server killed mid-write must still start. (``lock`` is
@@ -115,7 +114,6 @@ class GuardedDatastore(LocalDatastore):
             with atomic_write(path, mode="w", suffix=".partial", file_mode=FILE_MODE) as fh:
                 fh.write(self._datastore.model_dump_json(exclude={"base_path"}, indent=2))
             self._loaded = self._file_identity()
-            self._config_ts = os.stat(path).st_mtime
 
     @contextmanager
     def _transaction(self) -> Iterator[None]:
@@ -164,6 +162,12 @@ class GuardedDatastore(LocalDatastore):
         if obj is None:
             raise HTTPException(status_code=404, detail=f"unknown image {image_id!r}")
         return obj
+
+    def _known_label(self, image_id: str, tag: str) -> DataModel:
+        label = self._known_image(image_id).labels.get(tag)
+        if label is None:
+            raise HTTPException(status_code=404, detail=f"image {image_id!r} has no {tag!r} label")
+        return label
 
     # -- history ----------------------------------------------------------------------------------
     def history_dir(self, image_id: str, tag: str) -> Path:
@@ -234,10 +238,8 @@ class GuardedDatastore(LocalDatastore):
     def remove_label(self, label_id: str, label_tag: str) -> None:
         check_name(label_tag, "label tag")
         with self._transaction():
-            obj = self._known_image(label_id)
-            if label_tag not in obj.labels:
-                raise HTTPException(status_code=404, detail=f"image {label_id!r} has no {label_tag!r} label")
-            self._drop_label(obj, label_id, label_tag)
+            self._known_label(label_id, label_tag)
+            self._drop_label(self._known_image(label_id), label_id, label_tag)
 
     def remove_image(self, image_id: str) -> None:
         with self._transaction():
@@ -254,7 +256,4 @@ class GuardedDatastore(LocalDatastore):
 
     def update_label_info(self, label_id: str, label_tag: str, info: dict[str, Any]) -> None:
         with self._transaction():
-            label = self._known_image(label_id).labels.get(label_tag)
-            if label is None:
-                raise HTTPException(status_code=404, detail=f"image {label_id!r} has no {label_tag!r} label")
-            label.info.update(info)
+            self._known_label(label_id, label_tag).info.update(info)
