@@ -5,6 +5,7 @@
         --epochs 1 --steps 4 --slices 4 --val-cases 2                            # a small configuration
     python3 benchmarks/bench_designs.py --jobs 8 --data DIR --out designs.json     # on a GPU machine
     .venv/bin/python benchmarks/bench_designs.py --step-cost --designs msa,depth    # one step, checkpointing off/on
+    .venv/bin/python benchmarks/bench_designs.py --step-cost --designs msa --front-stages 0,2,3  # the front kept
     .venv/bin/python benchmarks/bench_designs.py --encode-cost --designs msa,depth  # a new slice's encoder cost
 
 For each design (``msa``, ``samus``, ``depth``; with the default ``decoder`` head) and each prompt-free head
@@ -175,8 +176,11 @@ def one_round(args: argparse.Namespace) -> dict:
 
 def step_cost(args: argparse.Namespace) -> dict:
     """One encoder-adapter training step (forward + backward of a batch of random inputs) in this process:
-    seconds and peak memory, with activation checkpointing as ``args.checkpointing`` says."""
+    seconds and peak memory, with activation checkpointing as ``args.checkpointing`` says; with
+    ``args.front`` > 0 the step starts from the output of the encoder's first ``front`` stages (kept, as
+    ``train_click_adapter.py --encoder-front-stages`` keeps it) and trains the later stages' adapters."""
     from lib.core.adapters import set_checkpointing
+    from lib.core.encoder_stages import encode_back, encode_front, freeze_front
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     base = load_profile(APP / "configs" / "lite_medsam.toml")
@@ -185,12 +189,17 @@ def step_cost(args: argparse.Namespace) -> dict:
     set_checkpointing(model.image_encoder, args.checkpointing == "on")
     shape = (args.batch, model.depth_slices, 3, model.img_size, model.img_size)
     x = torch.rand(shape, generator=torch.Generator().manual_seed(0)).to(device)
+    if args.front:
+        freeze_front(model, args.front)
+        with torch.no_grad():
+            front = encode_front(model, x[:, 0], args.front)
     start = time.time()
-    model.encode(x).square().mean().backward()
+    (encode_back(model, front, args.front) if args.front else model.encode(x)).square().mean().backward()
     seconds = time.time() - start
     peak = peak_memory_mb(device)
     return {"design": args.design, "batch": args.batch, "checkpointing": args.checkpointing,
-            "step_seconds": round(seconds, 1), "peak_memory_mb": round(peak, 1), "threads": torch.get_num_threads()}
+            "front_stages_kept": args.front, "step_seconds": round(seconds, 1), "peak_memory_mb": round(peak, 1),
+            "threads": torch.get_num_threads()}
 
 
 def encode_cost(designs: list[str], repeats: int) -> list[dict]:
@@ -254,6 +263,9 @@ def main() -> None:
                         help="rounds run at once (on a GPU; each still in its own process, times then overlap)")
     parser.add_argument("--step-cost", action="store_true",
                         help="only time one encoder training step per design, activation checkpointing off and on")
+    parser.add_argument("--front-stages", default="",
+                        help="with --step-cost: time the step with the encoder's first N stages kept, for each N of "
+                             "this comma list (0: the whole encoder), checkpointing off")
     parser.add_argument("--encode-cost", action="store_true",
                         help="only time encoding one new slice per design (default runtime and torch fp32)")
     parser.add_argument("--repeats", type=int, default=5, help="timed repeats for --encode-cost")
@@ -265,17 +277,20 @@ def main() -> None:
     parser.add_argument("--n", type=int, default=1, help=argparse.SUPPRESS)
     parser.add_argument("--one-step", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--checkpointing", default="off", help=argparse.SUPPRESS)
+    parser.add_argument("--front", type=int, default=0, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.one:
         print("RESULT " + json.dumps(one_round(args)), flush=True)
         return
     if args.step_cost:  # one training step per design, checkpointing off and on, each in its own process
+        fronts = [int(v) for v in args.front_stages.split(",")] if args.front_stages else []
         for design in args.designs.split(","):
-            for mode in ("off", "on"):
+            for mode, front in [("off", f) for f in fronts] or [("off", 0), ("on", 0)]:
                 cmd = [sys.executable, __file__, "--one-step", "--design", design, "--checkpointing", mode,
-                       "--batch", str(args.batch)]
+                       "--batch", str(args.batch), "--front", str(front)]
                 res, err = result_of(cmd)
-                print(json.dumps(res) if res else f"{design} checkpointing {mode}: failed\n{err[-2000:]}", flush=True)
+                what = f"{design} checkpointing {mode}, front {front}"
+                print(json.dumps(res) if res else f"{what}: failed\n{err[-2000:]}", flush=True)
         return
     if args.encode_cost:
         encode_cost(args.designs.split(","), args.repeats)

@@ -11,7 +11,10 @@ lone click (``--multimask``), more negative-click rounds (``--negative-share``),
 (``--lone-click-share``), gradient clipping
 (``--grad-clip``), a warm start from earlier adapters (``--start-from``), the image encoder's adapters
 trained too (``--encoder-adapters``; image embeddings are then recomputed at every step, otherwise
-once). Data: the shippable labelled scans only (``sample-data/`` and the shippable folders of
+once), or only its last stages' adapters (``--encoder-front-stages N``: the first N stages run once per
+slice, their output kept, in ``--embedding-store`` too; LiteMedSAM's last stage trains at about a quarter
+of a whole encoder step's cost on a CPU).
+Data: the shippable labelled scans only (``sample-data/`` and the shippable folders of
 ``../shared/data``); ``mr_brats2015`` and ``ct_lesion_deeplesion`` are never used, they are the held-out
 evaluation. Writes the checkpoint atomically plus a JSON record (data list, seed, settings, validation
 numbers, wall time) next to it.
@@ -37,6 +40,7 @@ from lib.core.cache import StoredEmbeddingCache  # noqa: E402
 from lib.core.checkpoint import AdapterCheckpoint  # noqa: E402
 from lib.core.config import load_profile  # noqa: E402
 from lib.core.datasets import LabelledCase, case_folders, load_dataset, png_mask_set, volume_pair  # noqa: E402
+from lib.core.encoder_stages import EncoderSplitError, check_front, encode_front  # noqa: E402
 from lib.core.model import AdaptedSam  # noqa: E402
 from lib.core.sample_bank import load_samples, save_samples  # noqa: E402
 from lib.core.served_session import ServedAnswers  # noqa: E402
@@ -146,16 +150,23 @@ def write_bank(folder: Path, train: list, val: list, record: dict) -> None:
     print(f"wrote {len(train)} train and {len(val)} selection slices to {folder} ({size:.1f} MB)")
 
 
-def read_bank(folder: Path, model: AdaptedSam, device: torch.device, encoder_trains: bool) -> tuple[list, list, dict]:
-    """The banked samples; when the encoder does not train, their embeddings are computed once here."""
+def read_bank(
+    folder: Path, model: AdaptedSam, device: torch.device, encoder_trains: bool, front_stages: int = 0
+) -> tuple[list, list, dict]:
+    """The banked samples; their embeddings (or their encoder front's outputs, when only the encoder's back
+    trains) are computed once here unless the whole encoder trains."""
     parts = [load_samples(folder / name) for name in ("train.npz.xz", "selection.npz.xz")]
     for sample in (s for part in parts for s in part):
-        if encoder_trains:
-            sample.model_input = sample.model_input.to(device)
-        else:
-            with torch.inference_mode():
-                sample.embedding = model.encode(sample.model_input.to(device)).clone()
-            sample.model_input = None
+        x = sample.model_input.to(device)
+        if encoder_trains and not front_stages:
+            sample.model_input = x
+            continue
+        with torch.inference_mode():
+            if encoder_trains:
+                sample.encoder_front = encode_front(model, x, front_stages).clone()
+            else:
+                sample.embedding = model.encode(x).clone()
+        sample.model_input = None
     return parts[0], parts[1], json.loads((folder / "cases.json").read_text())
 
 
@@ -182,6 +193,9 @@ def main() -> None:
                         help="continue from these adapters (as an active-learning round does), not the base")
     parser.add_argument("--encoder-adapters", action="store_true",
                         help="train the image encoder's adapters too (slow on CPU: embeddings every step)")
+    parser.add_argument("--encoder-front-stages", type=int, default=0,
+                        help="with --encoder-adapters: the encoder's first N stages run once per slice and only "
+                             "the later stages' adapters train (lite_medsam: 3 keeps the last of 4 stages to train)")
     parser.add_argument("--data", choices=("organs", "broad", "full"), default="organs",
                         help="organs: CT/MR organs and spinal cord (round 2); broad: plus part of the train parts "
                              "of hippocampus MR, fetal-head ultrasound, cardiac MR and MS lesions; full: all of them")
@@ -208,6 +222,8 @@ def main() -> None:
     if args.out is None:
         name = "lite_medsam_lone_click.pt" if args.lone_click_adapter else "lite_medsam_clicks.pt"
         args.out = APP / "adapters" / name
+    if args.encoder_front_stages and not args.encoder_adapters:
+        parser.error("--encoder-front-stages needs --encoder-adapters")
     if args.served_sessions and (args.lone_click_share or args.lone_click_adapter):
         parser.error("--lone-click-share and --lone-click-adapter train the lone click's own answer; with "
                      "--served-sessions it is not trained")
@@ -218,10 +234,20 @@ def main() -> None:
     served = None
     if args.served_sessions:  # the bare base model answers boxes alone and the lone click's scale candidates
         served = ServedAnswers(AdaptedSam.from_profile(profile).to(device), profile.inference)
+    encoder_key = "base"  # the embeddings' (or encoder fronts') name in --embedding-store
     if args.start_from is not None:
-        AdapterCheckpoint.load(args.start_from).apply_to(model)
+        start_from, fresh = AdapterCheckpoint.load(args.start_from), model.adaptable_state()
+        start_from.apply_to(model)
+        if any(not torch.equal(t, fresh[name]) for name, t in model.adaptable_state().items()
+               if name.startswith("image_encoder.")):
+            encoder_key = f"enc-{start_from.fingerprint('image_encoder.')}"  # its encoder adapters change them
     parts = DECODER_PARTS + (["encoder_adapters"] if args.encoder_adapters else [])
     model.freeze_all_but(parts)
+    if args.encoder_front_stages:
+        try:
+            check_front(model, args.encoder_front_stages)
+        except EncoderSplitError as err:
+            parser.error(str(err))
     settings = TrainSettings(
         max_epochs=args.epochs, steps_per_epoch=args.steps, batch_size=args.batch, learning_rate=args.lr,
         click_rounds=args.click_rounds, mask_only_rounds=1, box_probability=0.35, box_jitter=5, seed=args.seed,
@@ -229,27 +255,27 @@ def main() -> None:
         train_prompt_free_head=False, multimask_single_click=args.multimask, balance_object_sizes=args.balance_sizes,
         val_clicks=args.val_clicks, cosine_schedule=args.cosine, negative_click_share=args.negative_share,
         lone_click_share=args.lone_click_share, grad_clip_norm=args.grad_clip,
-        train_encoder_adapters=args.encoder_adapters,
+        train_encoder_adapters=args.encoder_adapters, encoder_front_stages=args.encoder_front_stages,
     )
     if args.lone_click_adapter:  # one click per session, its answer trained, chosen by the click-alone Dice
         settings = replace(settings, click_rounds=0, mask_only_rounds=0, box_probability=0.0, lone_click_share=1.0,
                            val_clicks=1, max_val_objects=200, selection_metric="click1_dice")
     start = time.time()
     if args.samples is not None:
-        train, val, cases = read_bank(args.samples, model, device, args.encoder_adapters)
+        train, val, cases = read_bank(args.samples, model, device, args.encoder_adapters, args.encoder_front_stages)
     else:
         train_volumes, val_volumes = data_volumes(args.data, args.legacy_selection)
         cases = {"train_cases": [v.image_id for v in train_volumes],
                  "validation_cases": [v.image_id for v in val_volumes]}
         bank = args.save_samples is not None
         store = None
-        if args.embedding_store is not None and not args.encoder_adapters and not bank:
+        if args.embedding_store is not None and not bank and (args.encoder_front_stages or not args.encoder_adapters):
             # the trainer encodes with torch: the folder evaluate.py uses with --inference encoder_runtime='"torch"'
             folder = args.embedding_store / profile.name / "torch"
             store = StoredEmbeddingCache(profile.inference.embedding_cache_mb, folder)
-        fingerprint = f"{profile.name}:base"  # the frozen encoder's embeddings, as inference keys them
+        fingerprint = f"{profile.name}:{encoder_key}"  # the encoder's embeddings, as inference keys them
         # a bank keeps the slices themselves: nothing is encoded (as when the encoder trains)
-        prep = replace(settings, train_encoder_adapters=True) if bank else settings
+        prep = replace(settings, train_encoder_adapters=True, encoder_front_stages=0) if bank else settings
         train = prepare_samples(model, train_volumes, profile.preprocessing, prep, device, store, fingerprint, bank)
         val = prepare_samples(model, val_volumes, profile.preprocessing, prep, device, store, fingerprint, bank)
         if bank:

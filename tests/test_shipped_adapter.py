@@ -7,6 +7,8 @@ import json
 from dataclasses import replace
 from pathlib import Path
 
+import numpy as np
+
 from conftest import APP, SAMPLE, SHARED
 from lib.core.annotator import interior_point
 from lib.core.checkpoint import AdapterCheckpoint
@@ -86,3 +88,31 @@ def test_the_lone_click_adapters_join_only_while_the_shipped_adapters_serve():
     assert InteractiveSegmenter(off, adapter_dir=None, device="cpu").lone_click_model() is None
     base = InteractiveSegmenter(replace(profile, adapter_checkpoint=None), adapter_dir=None, device="cpu")
     assert base.predictor(base.current()).lone is None
+
+
+def test_shipped_adapters_that_change_the_encoder_keep_lone_clicks_and_the_auto_head_on_the_base_embedding(tmp_path):
+    """Shipped click adapters may train the encoder's adapters. A lone click's scale candidates (the bare
+    model's boxes, the lone-click adapters) and the shipped prompt-free head were made for the base model's
+    embedding: they keep answering on it, and boxes alone on the base model's own."""
+    ckpt = AdapterCheckpoint.load(SHIPPED)
+    name = next(n for n in sorted(ckpt.tensors) if n.startswith("image_encoder.") and ".adapter.up.bias" in n)
+    ckpt.tensors[name] = ckpt.tensors[name] + 1e-3  # a changed encoder, by a margin too small to move a mask
+    changed = ckpt.save(tmp_path / "clicks_encoder.pt")
+    profile = load_profile(APP / "configs" / "lite_medsam.toml")
+    (case,) = [c for c in load_dataset(SAMPLE, SAMPLE / "reference") if c.case_id == "spleen_ct"]
+    k = 12
+    gt = case.label.array[:, :, k] > 0
+    click = parse_prompts({"foreground": [[*interior_point(gt), k]]}, case.image.shape)
+    answers = {}
+    for label, prof in (("shipped", profile), ("changed", replace(profile, adapter_checkpoint=changed))):
+        segmenter = InteractiveSegmenter(prof, adapter_dir=None, device="cpu")
+        served, bare = segmenter.current(), segmenter.bare_model()
+        assert (served.encoder_fingerprint == bare.encoder_fingerprint) == (label == "shipped")
+        out = segmenter.segment(case.image, click, three_d=False)
+        answers[label] = out.label[:, :, k] > 0
+        if label == "changed":  # the automatic mode answers with the shipped head on the base model
+            assert not served.model.prompt_free_head_trained and bare.model.prompt_free_head_trained
+            auto = segmenter.segment_auto(case.image)
+            assert auto.label.max() > 0
+    # the lone click is answered as with the shipped adapters: the same candidates, on the same embedding
+    assert np.array_equal(answers["shipped"], answers["changed"])

@@ -100,7 +100,8 @@ class InferenceSettings:
     propagate_with_shipped_adapters: bool = True
     # a lone foreground click at its object's scale: besides the click alone, the answers to square boxes of
     # these physical sizes (mm) around it (the bare base model's to each box alone when it shares the
-    # embedding, else the served model's to the click in each box); answers running into more than
+    # embedding or the served adapters are the shipped ones, on its own embedding; else the served model's
+    # to the click in each box); answers running into more than
     # lone_click_max_contact of their box's sides are dropped and the most stable answer wins, the click
     # alone unless another beats its stability by lone_click_alone_margin / sqrt(its area in pixels)
     # (a small mask's stability is noisier). Empty list: the click alone.

@@ -323,17 +323,24 @@ class InteractiveSegmenter:
         return self.predictor(loaded).is_embedded(stack, win, view.spacing)
 
     def prefetch(self, path: str | Path, k: int, window: str | None = None, axis: int = 2) -> bool:
-        """Put slice ``k``'s embedding into the cache (as a prompt on it would); True when it was encoded
-        now, False when it was cached already or ``k`` lies outside the volume."""
+        """Put slice ``k``'s embedding into the cache (as a prompt on it would; also the base model's when
+        shipped adapters change the encoder); True when something was encoded now, False when it was cached
+        already or ``k`` lies outside the volume."""
         volume = self.volumes.get(path)
         if not 0 <= k < volume.shape[axis]:
             return False
         view = SliceView.from_affine(volume.affine, axis)
         loaded = self.current()
-        _, _, cached, _ = self.predictor(loaded).embed(
-            view.stack(volume.array, k, loaded.model.depth_slices), self.window(volume, window), view.spacing
-        )
-        return not cached
+        versions = [loaded]
+        if loaded.shipped and self.bare_model().encoder_fingerprint != loaded.encoder_fingerprint:
+            versions.append(self.bare_model())  # shipped adapters that change the encoder: boxes, lone clicks
+        encoded = False
+        for version in versions:
+            _, _, cached, _ = self.predictor(version).embed(
+                view.stack(volume.array, k, version.model.depth_slices), self.window(volume, window), view.spacing
+            )
+            encoded = encoded or not cached
+        return encoded
 
     # -- requests ---------------------------------------------------------------------------------
     def segment(
@@ -441,6 +448,8 @@ class InteractiveSegmenter:
         loaded = self.current()
         if not loaded.model.labels:
             raise PromptError(f"profile '{self.profile.name}' has no labels, so it has no automatic mode")
+        if loaded.shipped and not loaded.model.prompt_free_head_trained:
+            loaded = self.bare_model()  # shipped adapters that change the encoder: the head shipped for the base's
         if not loaded.model.prompt_free_head_trained:
             raise PromptError(
                 f"the automatic head of '{self.profile.name}' has not been trained yet for labels "

@@ -137,8 +137,10 @@ class SlicePredictor:
         alone = lone_click(points, boxes, mask_logits) and int(point_labels.reshape(-1)[0]) == 1
         multimask = (mode == "always" or (mode == "auto" and self.model.trained_multimask_single_click)) and alone
         scaled = alone and bool(self.inference.lone_click_scales_mm)
-        bare = self._on_this_embedding(self.bare) if scaled else None  # built outside inference mode
-        lone = self._on_this_embedding(self.lone) if scaled else None
+        # built outside inference mode; `on` is the embedding they answer on (its encoding counts as encoder time)
+        scale_start = time.perf_counter()
+        bare, lone, on = self._scale_models(image, window, spacing, embedding) if scaled else (None, None, None)
+        scale_ms = (time.perf_counter() - scale_start) * 1e3 if on is not None and on is not embedding else 0.0
         with torch.inference_mode():
             out = self.loaded.decoder()(
                 embedding, points=points, boxes=boxes, mask_logits=mask_logits, multimask=multimask
@@ -149,7 +151,8 @@ class SlicePredictor:
             iou = float(out.iou[0, 0])
             if scaled:
                 mask, low_res, iou = self._scaled_click(
-                    embedding, frame, points, points_rc[0], spacing, bare, lone, (logits.cpu().numpy(), low_res, iou)
+                    embedding, on, frame, points, points_rc[0], spacing, bare, lone,
+                    (logits.cpu().numpy(), low_res, iou),
                 )
         if n_points:
             labels_np = np.asarray(point_labels).reshape(-1)
@@ -175,13 +178,13 @@ class SlicePredictor:
                 else:
                     mask = respect_clicks(mask, fg, bg, radius)
             low_res = self._fed_back(frame, low_res, mask)
-        dec_ms = (time.perf_counter() - start) * 1e3
+        dec_ms = (time.perf_counter() - start) * 1e3 - scale_ms
         return SliceResult(
             mask=mask,
             low_res_logits=low_res.detach().cpu(),
             iou=iou,
             embedding_cached=cached,
-            timings_ms={"encoder": 0.0 if cached else enc_ms, "decoder": dec_ms},
+            timings_ms={"encoder": (0.0 if cached else enc_ms) + scale_ms, "decoder": dec_ms},
         )
 
     def _fed_back(self, frame: LetterboxFrame, low_res: Tensor, shown: np.ndarray) -> Tensor:
@@ -201,15 +204,28 @@ class SlicePredictor:
         change = torch.as_tensor(change, dtype=low_res.dtype, device=low_res.device)
         return torch.where(change != 0, value * change, low_res)
 
-    def _on_this_embedding(self, version: Callable[[], LoadedModel | None] | None) -> LoadedModel | None:
-        """The model version ``version`` gives when it shares this model's embedding, else None (another
-        embedding: its answers would need their own encoder pass)."""
-        loaded = version() if version is not None else None
-        return loaded if loaded is not None and loaded.encoder_fingerprint == self.loaded.encoder_fingerprint else None
+    def _scale_models(
+        self, image: np.ndarray, window: IntensityWindow, spacing: tuple[float, float], embedding: Tensor
+    ) -> tuple[LoadedModel | None, LoadedModel | None, Tensor]:
+        """The bare model and the lone-click adapters of a lone click's scale choice (None: not there, or
+        not on the embedding they would answer on), and that embedding: the served one when they share it.
+        Shipped adapters that change the encoder keep the bare model's and the lone-click adapters' answers
+        on the base model's own embedding (one more encoder pass on a slice's first click, unless cached);
+        adapters from training rounds answer the click in each box themselves."""
+        bare = self.bare() if self.bare is not None else None
+        lone = self.lone() if self.lone is not None else None
+        on, fingerprint = embedding, self.loaded.encoder_fingerprint
+        if bare is not None and bare.encoder_fingerprint != fingerprint:
+            if not self.loaded.shipped:
+                return None, None, embedding
+            base = SlicePredictor(bare, self.cache, self.preprocessing, self.inference, self.device)
+            on, fingerprint = base.embed(image, window, spacing)[0], bare.encoder_fingerprint
+        return bare, lone if lone is not None and lone.encoder_fingerprint == fingerprint else None, on
 
     def _scaled_click(
         self,
         embedding: Tensor,
+        base_embedding: Tensor,
         frame: LetterboxFrame,
         points: tuple[Tensor, Tensor],
         click_rc: np.ndarray,
@@ -221,15 +237,17 @@ class SlicePredictor:
         """A lone click at its object's scale. Candidates: the click alone (``alone``: slice logits,
         low-res logits, IoU), the lone-click adapters' answer to it when there are some, and the answers
         to square boxes of ``lone_click_scales_mm`` around it — ``bare``'s (the bare base model's) to each
-        box alone, or, when there is no bare model on this embedding, the served model's to the click
-        inside each box. Answers that run into their box's sides (a fragment of something larger) are
-        dropped; the most stable answer (:func:`stability`) wins, an answer to the click itself with a
-        margin / sqrt(its area in pixels): a small mask's stability is noisier. Decoder only."""
+        box alone, or, when there is no bare model, the served model's to the click inside each box. The
+        served model answers on ``embedding``, the bare model and the lone-click adapters on
+        ``base_embedding`` (the same one unless shipped adapters changed the encoder). Answers that run
+        into their box's sides (a fragment of something larger) are dropped; the most stable answer
+        (:func:`stability`) wins, an answer to the click itself with a margin / sqrt(its area in pixels):
+        a small mask's stability is noisier. Decoder only."""
         settings = self.inference
         shape = alone[0].shape
         clicked = [(alone, settings.lone_click_alone_margin)]  # answers to the click itself, with their margins
         if lone is not None:
-            out = lone.decoder()(embedding, points=points).kept()
+            out = lone.decoder()(base_embedding, points=points).kept()
             answer = (frame.logits_to_slice(out.low_res_logits)[0, 0].cpu().numpy(), out.low_res_logits,
                       float(out.iou[0, 0]))
             clicked.append((answer, settings.lone_click_adapter_margin))
@@ -238,7 +256,7 @@ class SlicePredictor:
             np.stack([frame.box_to_model(*b) for b in boxes]), dtype=torch.float32, device=self.device
         )
         if bare is not None:
-            out = bare.decoder()(embedding, boxes=model_boxes)
+            out = bare.decoder()(base_embedding, boxes=model_boxes)
         else:
             n = len(boxes)
             xy, labels = points

@@ -35,6 +35,7 @@ from .adapters import set_checkpointing
 from .annotator import dice, interior_point, jittered_box, largest_error_click, random_interior_point
 from .cache import EmbeddingCache, content_key
 from .config import PreprocessSettings
+from .encoder_stages import encode_back, encode_front, freeze_front
 from .model import AdaptedSam, Decoded, lone_click
 from .orientation import SliceView
 from .preprocess import LetterboxFrame, choose_window, model_input, normalize_slice
@@ -66,6 +67,9 @@ class TrainSettings:
     min_object_pixels: int = 16
     max_val_objects: int = 48
     train_encoder_adapters: bool = False
+    # with train_encoder_adapters: the first N encoder stages run once per slice and their output is kept;
+    # only the later stages' adapters train (a fraction of the step's cost on a CPU); 0: the whole encoder
+    encoder_front_stages: int = 0
     # recompute the encoder blocks' activations in the backward pass instead of keeping them (less memory,
     # more time, same result): "auto" = for the depth design, whose three slices per sample triple them
     encoder_checkpointing: str = "auto"  # auto | on | off
@@ -101,6 +105,7 @@ class SliceSample:
     objects: list[np.ndarray]  # bool (h, w) masks
     head_target: np.ndarray | None  # (h, w) profile label indices, None when no known names
     model_input: Tensor | None = None  # (1, 3, S, S) or (1, D, 3, S, S) for `depth`, kept when the encoder trains
+    encoder_front: Tensor | None = None  # the encoder front's output, kept when only its back trains
     embedding: Tensor | None = None  # (1, C, eh, ew), cached when it does not
     geometry: LowResGeometry | None = None  # the slice's place and pixel size in the low-res frame
     frame: LetterboxFrame | None = None  # the slice's letterbox in the model input
@@ -143,7 +148,8 @@ def prepare_samples(
     fingerprint: str = "",
     keep_slices: bool = False,
 ) -> list[SliceSample]:
-    """Slices with labels -> samples in the low-res frame (embeddings cached unless the encoder trains).
+    """Slices with labels -> samples in the low-res frame (embeddings cached unless the encoder trains;
+    when only its back trains, the output of its front, ``encoder_front_stages``).
 
     ``embeddings`` (with the encoder's ``fingerprint``): take embeddings from, and put them into, that
     cache under the keys inference uses, so slices encoded once are not encoded again. ``keep_slices``:
@@ -151,6 +157,7 @@ def prepare_samples(
     samples: list[SliceSample] = []
     low_res = model.low_res_size
     head_index = {name: i + 1 for i, name in enumerate(model.labels)}
+    front = settings.encoder_front_stages if settings.train_encoder_adapters else 0  # stages kept, not trained
     for vol in volumes:
         image, label = _as_volume(vol.image), _as_volume(vol.label)
         what = vol.image_id or getattr(vol.label, "name", "label")
@@ -198,15 +205,24 @@ def prepare_samples(
             if keep_slices:
                 planes = encoded if encoded.ndim == 3 else encoded[None]
                 sample.slices01 = np.stack([normalize_slice(p, window, preprocessing.per_slice_minmax) for p in planes])
-            if settings.train_encoder_adapters:
+            if settings.train_encoder_adapters and not front:
                 sample.model_input = x
-            elif embeddings is not None:
-                key = content_key(encoded, window.key(), preprocessing.per_slice_minmax, frame, model.backbone_name)
+            else:  # the embedding, or the encoder front's output (kept in `embeddings` under its own name)
+                name, compute = (
+                    (f"{fingerprint}:front{front}", lambda x=x: encode_front(model, x, front))
+                    if front else (fingerprint, lambda x=x: model.encode(x))
+                )
                 with torch.inference_mode():
-                    sample.embedding = embeddings.get_or_compute(fingerprint, key, lambda x=x: model.encode(x))[0]
-            else:
-                with torch.inference_mode():
-                    sample.embedding = model.encode(x).clone()
+                    if embeddings is not None:
+                        key = content_key(encoded, window.key(), preprocessing.per_slice_minmax, frame,
+                                          model.backbone_name)
+                        value = embeddings.get_or_compute(name, key, compute)[0]
+                    else:
+                        value = compute().clone()
+                if front:
+                    sample.encoder_front = value
+                else:
+                    sample.embedding = value
             samples.append(sample)
     return samples
 
@@ -232,6 +248,10 @@ class AdapterTrainer:
     def _embed(self, samples: Sequence[SliceSample], grad: bool) -> Tensor:
         if samples[0].embedding is not None:
             return torch.cat([s.embedding for s in samples]).to(self.device)
+        if samples[0].encoder_front is not None:
+            front = torch.cat([s.encoder_front for s in samples]).to(self.device)
+            with torch.set_grad_enabled(grad):
+                return encode_back(self.model, front, self.settings.encoder_front_stages)
         x = torch.cat([s.model_input for s in samples]).to(self.device)
         if grad:
             return self.model.encode(x)
@@ -455,6 +475,8 @@ class AdapterTrainer:
         if mode not in ("auto", "on", "off"):
             raise TrainingDataError(f"encoder_checkpointing must be auto, on or off, got {mode!r}")
         on = s.train_encoder_adapters and (mode == "on" or (mode == "auto" and self.model.depth))
+        if s.train_encoder_adapters and s.encoder_front_stages:
+            freeze_front(self.model, s.encoder_front_stages)  # its kept outputs must stay exact
         set_checkpointing(self.model.image_encoder, on)
         try:
             return self._fit(train, val, feed_logits_before, progress)
