@@ -236,11 +236,10 @@ def main() -> None:
         served = ServedAnswers(AdaptedSam.from_profile(profile).to(device), profile.inference)
     encoder_key = "base"  # the embeddings' (or encoder fronts') name in --embedding-store
     if args.start_from is not None:
-        start_from, fresh = AdapterCheckpoint.load(args.start_from), model.adaptable_state()
-        start_from.apply_to(model)
-        if any(not torch.equal(t, fresh[name]) for name, t in model.adaptable_state().items()
-               if name.startswith("image_encoder.")):
+        start_from = AdapterCheckpoint.load(args.start_from)
+        if start_from.changes_encoder(model.adaptable_state()):
             encoder_key = f"enc-{start_from.fingerprint('image_encoder.')}"  # its encoder adapters change them
+        start_from.apply_to(model)
     parts = DECODER_PARTS + (["encoder_adapters"] if args.encoder_adapters else [])
     model.freeze_all_but(parts)
     if args.encoder_front_stages:

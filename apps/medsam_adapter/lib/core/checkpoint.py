@@ -74,6 +74,15 @@ class AdapterCheckpoint:
                 digest.update(self.tensors[name].float().numpy().tobytes())
         return digest.hexdigest()
 
+    def changes_encoder(self, fresh: dict[str, Tensor]) -> bool:
+        """Whether these tensors make the image encoder differ from the fresh (zero-initialised,
+        output-preserving) adapters in ``fresh``: if not, its embeddings equal the base model's."""
+        return any(
+            name not in fresh or not torch.equal(tensor.to(fresh[name].dtype), fresh[name])
+            for name, tensor in self.tensors.items()
+            if name.startswith("image_encoder.")
+        )
+
     def save(self, path: str | Path) -> Path:
         """Write atomically: a temporary file in the same folder, fsync, then rename over ``path``."""
         with atomic_write(path) as fh:

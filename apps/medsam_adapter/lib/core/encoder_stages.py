@@ -69,8 +69,9 @@ def encode_back(model: AdaptedSam, front: Tensor, front_stages: int) -> Tensor:
     for stage in stages[front_stages:]:
         x = stage(x)
     if x.dim() == 3:  # TinyViT: tokens (B, N, C) on a square grid
-        side = math.isqrt(x.shape[1])
-        x = x.view(x.shape[0], side, side, x.shape[2])
+        b, n, c = (int(v) for v in x.shape)  # constants in a trace: an exported graph has a fixed input size
+        side = math.isqrt(n)
+        x = x.view(b, side, side, c)
     return neck(x.permute(0, 3, 1, 2))
 
 

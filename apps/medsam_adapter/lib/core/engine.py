@@ -221,7 +221,7 @@ class InteractiveSegmenter:
         if ckpt is not None:
             ckpt.apply_to(model)
             version = ckpt.version if kind == "published" else 0
-            if not _changes_encoder(ckpt.tensors, self._base_state or {}):
+            if not ckpt.changes_encoder(self._base_state or {}):
                 fingerprint = "base"  # encoder adapters untrained (zero up-projections): base embeddings
             else:
                 fingerprint = f"enc-{ckpt.fingerprint('image_encoder.')}"
@@ -332,8 +332,9 @@ class InteractiveSegmenter:
         view = SliceView.from_affine(volume.affine, axis)
         loaded = self.current()
         versions = [loaded]
-        if loaded.shipped and self.bare_model().encoder_fingerprint != loaded.encoder_fingerprint:
-            versions.append(self.bare_model())  # shipped adapters that change the encoder: boxes, lone clicks
+        bare = self.bare_model() if loaded.shipped else None
+        if bare is not None and bare.encoder_fingerprint != loaded.encoder_fingerprint:
+            versions.append(bare)  # shipped adapters that change the encoder: boxes, lone clicks
         encoded = False
         for version in versions:
             _, _, cached, _ = self.predictor(version).embed(
@@ -493,16 +494,6 @@ class InteractiveSegmenter:
             entropy = -(probs * torch.log(probs.clamp_min(1e-8))).sum(0) / np.log(probs.shape[0])
             values.append(float(entropy.mean()))
         return {"score": float(np.mean(values)), "model_version": loaded.name, "slices": [int(k) for k in picks]}
-
-
-def _changes_encoder(tensors: dict[str, Tensor], fresh: dict[str, Tensor]) -> bool:
-    """Whether checkpoint ``tensors`` make the image encoder differ from the fresh (zero-initialised,
-    output-preserving) adapters in ``fresh``: if not, its embeddings equal the base model's."""
-    return any(
-        name not in fresh or not torch.equal(tensor.to(fresh[name].dtype), fresh[name])
-        for name, tensor in tensors.items()
-        if name.startswith("image_encoder.")
-    )
 
 
 def _clone_model(model: AdaptedSam) -> AdaptedSam:

@@ -16,30 +16,31 @@ Only TinyViT encoders (``lite_medsam``) with the ``msa`` design are split; other
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 
 import torch
 from torch import Tensor, nn
 
 from ..core.adapters import inert_adapters_skipped
+from ..core.encoder_stages import EncoderSplitError, encode_back, encode_front, stage_count
 from ..core.model import AdaptedSam
 from .runtimes import ExportedGraph, OpenVinoEncoder, RuntimeUnavailable, compile_graph, probe_input
 
 HEAD_STAGES = 3  # TinyViT stages (of 4) that stay in fp32, with the patch embedding
 
 
-def _stages(model: AdaptedSam) -> tuple[nn.Module, list[nn.Module], nn.Module]:
-    """(patch embedding, stages, neck) of a TinyViT encoder; RuntimeUnavailable for other encoders."""
-    encoder = model.image_encoder
-    if model.adapter_settings.design != "msa":
+def _check_split(model: AdaptedSam) -> None:
+    """RuntimeUnavailable unless ``model``'s encoder is a TinyViT of the msa design with more than
+    ``HEAD_STAGES`` stages."""
+    try:
+        stages = stage_count(model)
+    except EncoderSplitError as e:
         # depth mixes slice stacks; samus's CNN branch passes the image from the patch embedding to the
         # neck outside the module graph, so a split trace would freeze the probe's image into the tail
-        raise RuntimeUnavailable(f"openvino_mixed splits the msa design only, not {model.adapter_settings.design!r}")
-    parts = [getattr(encoder, name, None) for name in ("patch_embed", "layers", "neck")]
-    if not all(isinstance(p, nn.Module) for p in parts) or len(parts[1]) <= HEAD_STAGES:
-        raise RuntimeUnavailable(f"openvino_mixed splits TinyViT encoders only, not {type(encoder).__name__}")
-    return parts[0], list(parts[1]), parts[2]
+        raise RuntimeUnavailable(f"openvino_mixed: {e}") from e
+    if not hasattr(model.image_encoder, "layers") or stages <= HEAD_STAGES:
+        kind = type(model.image_encoder).__name__
+        raise RuntimeUnavailable(f"openvino_mixed splits TinyViT encoders only, not {kind}")
 
 
 class EncoderHead(nn.Module):
@@ -47,15 +48,11 @@ class EncoderHead(nn.Module):
 
     def __init__(self, model: AdaptedSam) -> None:
         super().__init__()
+        _check_split(model)
         self.model = model
-        patch_embed, stages, _ = _stages(model)
-        self.patch_embed, self.stages = patch_embed, nn.ModuleList(stages[:HEAD_STAGES])
 
     def forward(self, image01: Tensor) -> Tensor:
-        x = self.patch_embed(self.model.normalized(image01))
-        for stage in self.stages:
-            x = stage(x)
-        return x
+        return encode_front(self.model, image01, HEAD_STAGES)
 
 
 class EncoderTail(nn.Module):
@@ -63,16 +60,11 @@ class EncoderTail(nn.Module):
 
     def __init__(self, model: AdaptedSam) -> None:
         super().__init__()
-        _, stages, neck = _stages(model)
-        self.stages, self.neck = nn.ModuleList(stages[HEAD_STAGES:]), neck
+        _check_split(model)
+        self.model = model
 
     def forward(self, tokens: Tensor) -> Tensor:
-        x = tokens
-        for stage in self.stages:
-            x = stage(x)
-        b, n, c = (int(v) for v in x.shape)  # constants in the trace: the graph has a fixed input size
-        side = math.isqrt(n)
-        return self.neck(x.view(b, side, side, c).permute(0, 3, 1, 2))
+        return encode_back(self.model, tokens, HEAD_STAGES)
 
 
 class ExportedEncoderPart(ExportedGraph):
