@@ -177,6 +177,7 @@ def test_auto_serves_the_faster_runtime_measured_here_and_remembers_it(tmp_path,
     from lib.serving import auto_runtime
 
     monkeypatch.setattr(runtimes, "cpu_has_native_bf16", lambda: True)
+    monkeypatch.setattr(auto_runtime, "MIN_CPU_SHARE", 0.0)  # remembered however busy the test machine is
     model = tiny_model()
     fresh_process()
     encoder = RuntimeEncoder(model, "auto", tmp_path)
@@ -203,6 +204,33 @@ def test_auto_serves_the_faster_runtime_measured_here_and_remembers_it(tmp_path,
     monkeypatch.setattr(runtimes, "SPECS", {**runtimes.SPECS, built.name: failing})
     again = RuntimeEncoder(model, "auto", tmp_path)
     assert again.prepare().name == loser and built.name in again.failures
+
+
+@needs_openvino
+def test_auto_does_not_remember_a_choice_timed_while_other_work_held_the_cpu(tmp_path, monkeypatch):
+    """Under load the ranking can flip, so a choice timed with less than MIN_CPU_SHARE of the CPU is served but
+    not recorded, and the next process times the runtimes again."""
+    from lib.serving import auto_runtime
+
+    monkeypatch.setattr(runtimes, "cpu_has_native_bf16", lambda: True)
+    monkeypatch.setattr(auto_runtime, "cpu_share", lambda cpu_s, wall_s: 0.4)  # as beside another 2-core job
+    model = tiny_model()
+    fresh_process()
+    assert RuntimeEncoder(model, "auto", tmp_path).prepare().name in ("openvino_mixed", "openvino_fp32")
+    assert not (tmp_path / auto_runtime.CHOICES_FILE).exists()
+    fresh_process()
+    calls = []
+    real = runtimes.build_runtime
+    monkeypatch.setattr(runtimes, "build_runtime", lambda m, name, *a: calls.append(name) or real(m, name, *a))
+    RuntimeEncoder(model, "auto", tmp_path).prepare()
+    assert sorted(calls) == ["openvino_fp32", "openvino_mixed"]  # timed both again
+
+
+def test_cpu_share_is_the_cpu_time_over_the_cores_asked_for():
+    from lib.serving import auto_runtime
+
+    assert auto_runtime.cpu_share(2.0, 1.0, threads=2) == pytest.approx(1.0)
+    assert auto_runtime.cpu_share(1.0, 1.0, threads=2) == pytest.approx(0.5)
 
 
 def test_unknown_runtime_name_is_a_clear_config_error():

@@ -112,6 +112,26 @@ def test_shipped_adapters_that_change_the_encoder_keep_lone_clicks_and_the_auto_
         answers[label] = out.label[:, :, k] > 0
         if label == "changed":  # the automatic mode answers with the shipped head on the base model
             assert not served.model.prompt_free_head_trained and bare.model.prompt_free_head_trained
+            # prefetch encodes both embeddings, so a lone click on a prefetched slice encodes nothing (before the
+            # automatic mode, which encodes every slice on the base model)
+            computed = []
+            real = segmenter.embeddings.get_or_compute
+
+            def spy(fingerprint, key, compute, real=real, computed=computed):
+                tensor, cached = real(fingerprint, key, compute)
+                computed.extend([] if cached else [fingerprint])
+                return tensor, cached
+
+            segmenter.embeddings.get_or_compute = spy
+            j = k + 3
+            gt_j = case.label.array[:, :, j] > 0
+            assert segmenter.prefetch(SAMPLE / "spleen_ct.nii.gz", j)
+            assert sorted(computed) == sorted([served.encoder_fingerprint, bare.encoder_fingerprint])
+            computed.clear()
+            out = segmenter.segment(
+                case.image, parse_prompts({"foreground": [[*interior_point(gt_j), j]]}, case.image.shape), three_d=False
+            )
+            assert computed == [] and out.params["embedding_cached"]
             auto = segmenter.segment_auto(case.image)
             assert auto.label.max() > 0
     # the lone click is answered as with the shipped adapters: the same candidates, on the same embedding

@@ -5,7 +5,10 @@ Whether bf16 stages pay depends on the CPU, not on its flags alone: ``openvino_m
 OpenVINO's bf16 was slower than its fp32 (609 against 425 ms, whole graph). So ``auto`` times its
 candidates on the probe image (one warm-up each, then the median of :data:`REPEATS` interleaved encodes)
 and serves the fastest. The choice is remembered in the runtime cache folder (``auto_choice.json``) per encoder key, CPU
-model, thread count and OpenVINO version, so later processes build only the winner.
+model, thread count and OpenVINO version, so later processes build only the winner. A choice timed while other
+work held the CPU (the encodes got less than :data:`MIN_CPU_SHARE` of the threads they run on) is served but
+not remembered: under load the ranking can flip (mixed 701 ms against fp32 364 ms beside a test run on
+the Zen 5 machine, where alone it is the faster), so the next process times again.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ logger = logging.getLogger(__name__)
 
 REPEATS = 5
 CHOICES_FILE = "auto_choice.json"
+MIN_CPU_SHARE = 0.75
 
 
 def cpu_model() -> str:
@@ -76,18 +80,29 @@ def remember(cache_dir: Path, key: str, tag: str, runtime: str, timings_ms: dict
         logger.warning("could not record the encoder runtime choice in %s: %s", path, e)
 
 
-def fastest(runtimes: Sequence, probe: Tensor, repeats: int = REPEATS) -> tuple[object, dict[str, float]]:
-    """The fastest of built runtimes (objects with ``name`` and ``encode``) on ``probe``, and every median
-    in ms: one warm-up each, then ``repeats`` rounds that run each once in turn (interleaved, so a change
-    in the machine's load while measuring hits every runtime alike)."""
+def fastest(runtimes: Sequence, probe: Tensor, repeats: int = REPEATS) -> tuple[object, dict[str, float], float]:
+    """The fastest of built runtimes (objects with ``name`` and ``encode``) on ``probe``, every median in ms,
+    and the share of the CPU the timed encodes got (:func:`cpu_share`): one warm-up each, then ``repeats``
+    rounds that run each once in turn (interleaved, so a change in the machine's load while measuring hits
+    every runtime alike)."""
     times: dict[str, list[float]] = {r.name: [] for r in runtimes}
     with torch.inference_mode():
         for r in runtimes:
             r.encode(probe)
+        cpu_start, wall_start = time.process_time(), time.perf_counter()
         for _ in range(repeats):
             for r in runtimes:
                 start = time.perf_counter()
                 r.encode(probe)
                 times[r.name].append((time.perf_counter() - start) * 1e3)
+        share = cpu_share(time.process_time() - cpu_start, time.perf_counter() - wall_start)
     timings = {name: statistics.median(values) for name, values in times.items()}
-    return min(runtimes, key=lambda r: timings[r.name]), timings
+    return min(runtimes, key=lambda r: timings[r.name]), timings, share
+
+
+def cpu_share(cpu_s: float, wall_s: float, threads: int | None = None) -> float:
+    """The share of ``threads`` cores (default torch's thread count, which the runtimes use) that this
+    process used over ``wall_s`` seconds, from its CPU time: near 1 alone on the machine, lower when other
+    work took cores from it."""
+    threads = threads or torch.get_num_threads()
+    return cpu_s / max(wall_s * threads, 1e-9)

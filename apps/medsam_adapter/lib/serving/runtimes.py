@@ -612,12 +612,17 @@ class RuntimeEncoder:
         built = [b for b in (self._try(name, key) for name in names) if b is not None]
         if len(built) < 2:
             return built[0] if built else None
-        winner, timings = auto_runtime.fastest(built, probe_input(self.model).to(self.model.device))
+        winner, timings, share = auto_runtime.fastest(built, probe_input(self.model).to(self.model.device))
         for other in built:
             if other is not winner:
                 forget_runtime(self.model, other.name, key)
-        auto_runtime.remember(cache_dir, key, tag, winner.name, timings)
-        logger.info("auto: encoder runtimes measured %s ms; serving %s", timings, winner.name)
+        logger.info(
+            "auto: encoder runtimes measured %s ms (%.0f%% of the CPU); serving %s", timings, 100 * share, winner.name
+        )
+        if share >= auto_runtime.MIN_CPU_SHARE:
+            auto_runtime.remember(cache_dir, key, tag, winner.name, timings)
+        else:
+            logger.warning("auto: other work held the CPU while timing; not remembered, timed again next start")
         return winner
 
 
