@@ -1,0 +1,121 @@
+"""Click sessions on train parts, the way the server answers them: where click handling is tuned.
+
+    .venv/bin/python benchmarks/trainpart_clicks.py [--methods shipped,NAME=PATH] [--inference KEY=VALUE]
+        [--clicks 8] [--embedding-store DIR] [--out results.json]
+
+The sessions run on the click trainer's checkpoint-selection objects of ``--data full``
+(``scripts/train_click_adapter.py``: hippocampus, fetal-head, cardiac MR and AMOS CT cases set aside from
+the train parts; never trained on), through the same ``InteractiveSegmenter`` the infer tasks use
+(simulated annotator: a click at the most interior point of the largest error, previous answer fed back;
+3 slices per structure, seed 0). Prints each set's Dice after 1..N clicks and the mean of the set means,
+the numbers the README's "chosen on train parts" tables report. The held-out sets (validation parts,
+BraTS, DeepLesion) are for ``benchmarks/readme_results.sh``, run once on what this chose.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "scripts"))
+
+from evaluate import backend_for  # noqa: E402  (also puts the app on sys.path)
+from train_click_adapter import data_volumes  # noqa: E402
+
+from lib.core.config import ProfileError, setting_pairs  # noqa: E402
+from lib.core.datasets import LabelledCase  # noqa: E402
+from lib.core.evaluation import EvalSettings, dice_curve, evaluate_cases  # noqa: E402
+from lib.core.volume import load_volume  # noqa: E402
+
+
+def selection_cases() -> list[LabelledCase]:
+    """The click trainer's checkpoint-selection objects of ``--data full``, as evaluation cases."""
+    _, volumes = data_volumes("full", legacy_selection=False)
+    cases = []
+    for v in volumes:
+        source, _, case_id = v.image_id.rpartition("/")
+        image = v.image if not isinstance(v.image, Path) else load_volume(v.image)
+        label = v.label if not isinstance(v.label, Path) else load_volume(v.label)
+        cases.append(LabelledCase(case_id, image, label, dict(v.names), source or "sample-data"))
+    return cases
+
+
+def set_curves(cases: list[LabelledCase], records) -> dict[str, dict]:
+    """Per set (the case's source): sessions, box Dice and the mean Dice after each click."""
+    source = {c.case_id: c.source for c in cases}
+    out = {}
+    for name in dict.fromkeys(source.values()):
+        rows = [r for r in records if source[r.case] == name]
+        if rows:
+            out[name] = {
+                "n": len(rows),
+                "box": float(np.mean([r.box_dice for r in rows])),
+                "curve": [round(x, 4) for x in dice_curve(rows)],
+            }
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--methods", default="shipped", help="comma-separated: base, shipped, adapter path; NAME=...")
+    parser.add_argument(
+        "--inference",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a profile [inference] setting (repeatable)",
+    )
+    parser.add_argument("--clicks", type=int, default=8)
+    parser.add_argument("--profile", default="lite_medsam")
+    parser.add_argument("--embedding-store", type=Path, default=None, help="keep and reuse image embeddings here")
+    parser.add_argument("--out", type=Path, default=None, help="write every number as JSON here")
+    args = parser.parse_args()
+    try:
+        inference = setting_pairs(args.inference)
+    except ProfileError as e:
+        sys.exit(f"--inference: {e}")
+    cases = selection_cases()
+    if len({c.case_id for c in cases}) != len(cases):
+        sys.exit("selection case ids are not unique across sets")
+    settings = EvalSettings(max_clicks=args.clicks, max_slices_per_structure=3, three_d=False, seed=0)
+    report = {"inference": inference, "clicks": args.clicks, "methods": {}}
+    for item in args.methods.split(","):
+        name, _, method = item.rpartition("=")
+        name = name or method
+        begin = time.perf_counter()
+        records, _ = evaluate_cases(
+            backend_for(method, args.profile, None, inference, args.embedding_store), cases, settings
+        )
+        sets = set_curves(cases, records)
+        means = np.mean([s["curve"] for s in sets.values()], axis=0)
+        report["methods"][name] = {
+            "sets": sets,
+            "set_means": [round(float(x), 4) for x in means],
+            "seconds": round(time.perf_counter() - begin, 1),
+            "sessions": [
+                {
+                    "case": r.case,
+                    "structure": r.structure,
+                    "slice": r.slice,
+                    "pixels": r.pixels,
+                    "box": round(r.box_dice, 4),
+                    "clicks": [round(x, 4) for x in r.click_dice],
+                }
+                for r in records
+            ],
+        }
+        print(f"{name}: set means after 1..{args.clicks} clicks " + " ".join(f"{x:.3f}" for x in means))
+        for set_name, s in sets.items():
+            print(f"  {set_name} ({s['n']} sessions, box {s['box']:.3f}): " + " ".join(f"{x:.3f}" for x in s["curve"]))
+    if args.out:
+        args.out.write_text(json.dumps(report, indent=1))
+
+
+if __name__ == "__main__":
+    main()
