@@ -30,8 +30,8 @@ from train_click_adapter import data_volumes  # noqa: E402
 
 from lib.core.config import ProfileError, setting_pairs  # noqa: E402
 from lib.core.datasets import LabelledCase  # noqa: E402
-from lib.core.evaluation import EvalSettings, dice_curve, evaluate_cases  # noqa: E402
-from lib.core.volume import load_volume  # noqa: E402
+from lib.core.evaluation import EvalSettings, dice_curve, evaluate_cases, records_as_dicts  # noqa: E402
+from lib.core.training import as_volume  # noqa: E402
 
 
 def selection_cases() -> list[LabelledCase]:
@@ -40,9 +40,9 @@ def selection_cases() -> list[LabelledCase]:
     cases = []
     for v in volumes:
         source, _, case_id = v.image_id.rpartition("/")
-        image = v.image if not isinstance(v.image, Path) else load_volume(v.image)
-        label = v.label if not isinstance(v.label, Path) else load_volume(v.label)
-        cases.append(LabelledCase(case_id, image, label, dict(v.names), source or "sample-data"))
+        cases.append(
+            LabelledCase(case_id, as_volume(v.image), as_volume(v.label), dict(v.names), source or "sample-data")
+        )
     return cases
 
 
@@ -98,17 +98,7 @@ def main() -> None:
             "sets": sets,
             "set_means": [round(float(x), 4) for x in means],
             "seconds": round(time.perf_counter() - begin, 1),
-            "sessions": [
-                {
-                    "case": r.case,
-                    "structure": r.structure,
-                    "slice": r.slice,
-                    "pixels": r.pixels,
-                    "box": round(r.box_dice, 4),
-                    "clicks": [round(x, 4) for x in r.click_dice],
-                }
-                for r in records
-            ],
+            "sessions": records_as_dicts(records, [])["slices"],
         }
         print(f"{name}: set means after 1..{args.clicks} clicks " + " ".join(f"{x:.3f}" for x in means))
         for set_name, s in sets.items():

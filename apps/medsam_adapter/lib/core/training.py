@@ -134,7 +134,8 @@ def split_volumes(volumes: Sequence[LabelledVolume], fraction: float, seed: int)
     return order[n_val:], order[:n_val], f"validation on {n_val} of {len(order)} labelled images"
 
 
-def _as_volume(item: Path | Volume) -> Volume:
+def as_volume(item: Path | Volume) -> Volume:
+    """A labelled volume's image or label, loaded when it is a file."""
     return item if isinstance(item, Volume) else load_volume(item)
 
 
@@ -159,7 +160,7 @@ def prepare_samples(
     head_index = {name: i + 1 for i, name in enumerate(model.labels)}
     front = settings.encoder_front_stages if settings.train_encoder_adapters else 0  # stages kept, not trained
     for vol in volumes:
-        image, label = _as_volume(vol.image), _as_volume(vol.label)
+        image, label = as_volume(vol.image), as_volume(vol.label)
         what = vol.image_id or getattr(vol.label, "name", "label")
         if label.shape != image.shape:
             raise TrainingDataError(f"{what}: label shape {label.shape} != image shape {image.shape}")
