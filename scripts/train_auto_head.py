@@ -5,11 +5,17 @@
 The head (AutoSAM-style, on the frozen encoder's embedding) learns the profile's labels (spleen, liver,
 kidney_right, kidney_left, stomach, aorta, spinal_cord) from the shippable labelled scans only:
 ``sample-data/`` (abdomen CT and MR with TotalSegmentator output as reference — model output, not
-ground truth —, the spleen CT's manual label, two spinal-cord MR), ``mr_spine_spinegeneric/t1w`` and the
-AMOS/TotalSegmentator training PNG. Labels that annotate only some organs (spleen CT, PNG) are trained
-with a marginal loss (lib/core/head_training.py). Held out: the AMOS test PNG (liver, aorta; dataset
-labels) and ``mr_spine_sct/t1`` (manual cord). Embeddings are computed once (frozen encoder, base
-model: the shipped click adapter leaves the encoder unchanged) and cached in ``--cache``.
+ground truth —, the spleen CT's manual label, two spinal-cord MR), ``mr_spine_spinegeneric/t1w``, the
+AMOS/TotalSegmentator training PNG. Labels that annotate only some organs are trained with a marginal
+loss (lib/core/head_training.py). Held out: the AMOS test PNG (liver, aorta; dataset labels),
+``mr_spine_sct/t1`` (manual cord) and two CT patients the head never sees, as DICOM series with a SEG:
+``dicom/ct_totalseg_series`` (512x512, TotalSegmentator's liver, spleen, stomach and aorta) and
+``dicom/ct_dcmqi_3slice`` (manual liver); ``--train-on-series`` trains on the first of them instead. The
+held-out cases are reported, never used to choose: the head of the last step is written (the shipped
+file, from commit 08f8da6's version of this script, was the best of steps 200-800 on the AMOS test PNG
+and the cord). ``--views N`` adds N training views of every case (lib/core/augment.py: zoomed field of
+view, CT values jittered). Embeddings are computed once (frozen encoder, base model: the shipped click
+adapter leaves the encoder unchanged) and cached in ``--cache`` under a key of the data and views.
 
 Writes the head alone (``AdapterCheckpoint.head_from_model``, atomically) and a JSON record (data,
 seed, settings, per-label Dice on the training data and held out, wall time, memory) next to it.
@@ -33,9 +39,10 @@ APP = ROOT / "apps" / "medsam_adapter"
 sys.path.insert(0, str(APP))
 
 from lib.core.atomic import atomic_write  # noqa: E402
+from lib.core.augment import training_views  # noqa: E402
 from lib.core.checkpoint import AdapterCheckpoint  # noqa: E402
 from lib.core.config import load_profile  # noqa: E402
-from lib.core.datasets import LabelledCase, load_dataset, png_mask_set, volume_pair  # noqa: E402
+from lib.core.datasets import LabelledCase, dicom_series_with_seg, load_dataset, png_mask_set, volume_pair  # noqa: E402
 from lib.core.head_training import HeadSample, fit_head, head_dice  # noqa: E402
 from lib.core.model import AdaptedSam  # noqa: E402
 from lib.core.training import LabelledVolume, TrainSettings, prepare_samples  # noqa: E402
@@ -44,7 +51,7 @@ SHARED = ROOT.parent / "shared" / "data"
 CORD = {1: "spinal_cord"}
 
 
-def cases() -> tuple[list[tuple[LabelledCase, bool]], list[tuple[LabelledCase, bool]]]:
+def cases(train_on_series: bool = False) -> tuple[list[tuple[LabelledCase, bool]], list[tuple[LabelledCase, bool]]]:
     """(train, held-out) as (case, fully_labelled) pairs. Fully labelled: every profile label that is
     in the image is in its label (TotalSegmentator output; spinal-cord MR crops show no abdominal organ)."""
     train: list[tuple[LabelledCase, bool]] = []
@@ -64,6 +71,12 @@ def cases() -> tuple[list[tuple[LabelledCase, bool]], list[tuple[LabelledCase, b
         sct = SHARED / "mr_spine_sct"
         held.append((volume_pair(sct / "t1.nii.gz", sct / "t1_label.nii.gz", CORD, "sct_t1", "sct"), True))
         held += [(c, False) for c in png_mask_set(amos / "label2image_test.json", "ct2d_amos_totalseg")]
+        dicom = SHARED / "dicom"
+        series = dicom_series_with_seg(dicom / "ct_totalseg_series", next((dicom / "ct_totalseg_seg").glob("*.dcm")),
+                                       "dicom")
+        (train if train_on_series else held).append((series, False))
+        held.append((dicom_series_with_seg(dicom / "ct_dcmqi_3slice", dicom / "ct_dcmqi_seg" / "liver.dcm", "dicom"),
+                     False))
     return train, held
 
 
@@ -98,6 +111,9 @@ def main() -> None:
     parser.add_argument("--validate-every", type=int, default=250, help="steps between held-out checks")
     parser.add_argument("--head", default="decoder", help="decoder | unet | linear")
     parser.add_argument("--max-slices", type=int, default=30, help="labelled slices per volume (evenly spaced)")
+    parser.add_argument("--views", type=int, default=0, help="extra training views of every case (augment.py)")
+    parser.add_argument("--train-on-series", action="store_true",
+                        help="train on the TotalSegmentator CT series instead of holding it out")
     parser.add_argument("--cache", type=Path, default=Path("/tmp/medsam_auto_head_embeddings.pt"))
     parser.add_argument("--out", type=Path, default=APP / "adapters" / "lite_medsam_auto_head.pt")
     args = parser.parse_args()
@@ -108,17 +124,21 @@ def main() -> None:
     model = AdaptedSam.from_profile(profile).to(device)
     model.freeze_all_but(["prompt_free_head"])
     settings = TrainSettings(max_slices_per_volume=args.max_slices, min_object_pixels=4, seed=args.seed)
-    train_pairs, held_pairs = cases()
+    train_pairs, held_pairs = cases(args.train_on_series)
+    rng = np.random.default_rng(args.seed)
+    views = [(v, full) for c, full in train_pairs for v in training_views(c, args.views, rng)]
+    key = json.dumps([[f"{c.source}/{c.case_id}" for c, _ in pairs] for pairs in (train_pairs, views, held_pairs)]
+                     + [args.max_slices, args.seed])
     t0 = time.time()
-    if args.cache.is_file():
-        cached = torch.load(args.cache, weights_only=False)
+    cached = torch.load(args.cache, weights_only=False) if args.cache.is_file() else {}
+    if cached.get("key") == key:
         train, held = cached["train"], cached["held"]
         print(f"embeddings from {args.cache}", flush=True)
     else:
-        train = head_samples(model, train_pairs, profile, settings, device)
+        train = head_samples(model, train_pairs + views, profile, settings, device)
         held = head_samples(model, held_pairs, profile, settings, device)
         with atomic_write(args.cache) as fh:
-            torch.save({"train": train, "held": held}, fh)
+            torch.save({"key": key, "train": train, "held": held}, fh)
     embedding_seconds = time.time() - t0
     print(f"{len(train)} training slices, {len(held)} held-out slices; embeddings {embedding_seconds:.0f} s",
           flush=True)
@@ -129,9 +149,9 @@ def main() -> None:
 
     summary = fit_head(model, train, args.steps, device, args.batch, args.lr, args.seed,
                        validate=lambda: head_dice(model, held, device) if held else {}, every=args.validate_every,
-                       log=log)
+                       log=log, keep_best=False)
     by_source: dict[str, dict] = {}
-    for source in sorted({s.source for s in train} | {s.source for s in held}):
+    for source in sorted({s.source for s in train + held if "@" not in s.source}):  # not the training views
         group = [s for s in train + held if s.source == source]
         by_source[source] = {"slices": len(group), **head_dice(model, group, device)}
     record = {
@@ -144,6 +164,7 @@ def main() -> None:
         "held_out_cases": [f"{c.source}/{c.case_id}" for c, _ in held_pairs],
         "reference_note": "abdomen CT/MR labels are TotalSegmentator output: their Dice is agreement with "
                           "TotalSegmentator, not accuracy; spleen_ct, spine and AMOS PNG labels are manual/dataset",
+        "training_views_per_case": args.views,
         "train_slices": len(train),
         "held_out_slices": len(held),
         "seed": args.seed,

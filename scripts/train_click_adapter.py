@@ -40,7 +40,7 @@ from lib.core.cache import StoredEmbeddingCache  # noqa: E402
 from lib.core.checkpoint import AdapterCheckpoint  # noqa: E402
 from lib.core.config import load_profile  # noqa: E402
 from lib.core.datasets import LabelledCase, case_folders, load_dataset, png_mask_set, volume_pair  # noqa: E402
-from lib.core.encoder_stages import EncoderSplitError, check_front, encode_front  # noqa: E402
+from lib.core.encoder_stages import EncoderSplitError, encode_front, front_prefixes  # noqa: E402
 from lib.core.model import AdaptedSam  # noqa: E402
 from lib.core.sample_bank import load_samples, save_samples  # noqa: E402
 from lib.core.served_session import ServedAnswers  # noqa: E402
@@ -234,19 +234,20 @@ def main() -> None:
     served = None
     if args.served_sessions:  # the bare base model answers boxes alone and the lone click's scale candidates
         served = ServedAnswers(AdaptedSam.from_profile(profile).to(device), profile.inference)
+    part: str | tuple[str, ...] = "image_encoder."  # what the stored embeddings depend on
+    if args.encoder_front_stages:
+        try:
+            part = front_prefixes(model, args.encoder_front_stages)  # the kept fronts: the front's adapters only
+        except EncoderSplitError as err:
+            parser.error(str(err))
     encoder_key = "base"  # the embeddings' (or encoder fronts') name in --embedding-store
     if args.start_from is not None:
         start_from = AdapterCheckpoint.load(args.start_from)
-        if start_from.changes_encoder(model.adaptable_state()):
-            encoder_key = f"enc-{start_from.fingerprint('image_encoder.')}"  # its encoder adapters change them
+        if start_from.changes_encoder(model.adaptable_state(), part):
+            encoder_key = f"enc-{start_from.fingerprint(part)}"  # its encoder adapters change them
         start_from.apply_to(model)
     parts = DECODER_PARTS + (["encoder_adapters"] if args.encoder_adapters else [])
     model.freeze_all_but(parts)
-    if args.encoder_front_stages:
-        try:
-            check_front(model, args.encoder_front_stages)
-        except EncoderSplitError as err:
-            parser.error(str(err))
     settings = TrainSettings(
         max_epochs=args.epochs, steps_per_epoch=args.steps, batch_size=args.batch, learning_rate=args.lr,
         click_rounds=args.click_rounds, mask_only_rounds=1, box_probability=0.35, box_jitter=5, seed=args.seed,

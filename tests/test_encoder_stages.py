@@ -9,12 +9,14 @@ import torch
 
 from conftest import SAMPLE
 from lib.core.backbones import build_backbone
+from lib.core.checkpoint import AdapterCheckpoint
 from lib.core.config import AdapterSettings, PreprocessSettings
 from lib.core.encoder_stages import (
     EncoderSplitError,
     encode_back,
     encode_front,
     freeze_front,
+    front_prefixes,
     stage_count,
 )
 from lib.core.model import AdaptedSam, part_of
@@ -42,6 +44,30 @@ def test_front_then_back_is_the_whole_encoder(backbone):
         whole = model.encode(x)
         for n in range(1, stage_count(model)):
             assert torch.allclose(encode_back(model, encode_front(model, x, n), n), whole, atol=1e-5), n
+
+
+@pytest.mark.parametrize("backbone", ["tiny", "tiny_vit"])
+def test_adapters_trained_in_the_back_leave_the_kept_fronts_valid(backbone):
+    """A round that continues from a back-trained checkpoint reuses the stored fronts: the front's part of
+    the checkpoint is fresh, and the front's output equals the base model's."""
+    base = AdaptedSam(build_backbone(backbone), AdapterSettings(), labels=("spleen",))
+    fresh = base.adaptable_state()
+    trained = _trained_looking(backbone)
+    n = stage_count(trained) - 1
+    with torch.no_grad():  # the front's adapters back to fresh: only the back stays trained
+        for name, p in trained.named_parameters():
+            if name.startswith(front_prefixes(trained, n)) and name in fresh:
+                p.copy_(fresh[name])
+    checkpoint = AdapterCheckpoint.from_model(trained, 1)
+    front = front_prefixes(trained, n)
+    assert front[0] == "image_encoder.patch_embed." and len(front) == n + 1
+    assert checkpoint.changes_encoder(fresh) and not checkpoint.changes_encoder(fresh, front)
+    x = torch.rand(1, 3, base.img_size, base.img_size, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(encode_front(trained, x, n), encode_front(base, x, n))
+        assert not torch.allclose(trained.encode(x), base.encode(x))
+    # a checkpoint whose front is trained changes the kept fronts
+    assert AdapterCheckpoint.from_model(_trained_looking(backbone), 1).changes_encoder(fresh, front)
 
 
 def test_designs_and_split_points_that_cannot_split_are_refused():

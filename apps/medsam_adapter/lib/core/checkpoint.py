@@ -65,8 +65,9 @@ class AdapterCheckpoint:
         meta.pop("tensors")
         return meta
 
-    def fingerprint(self, prefix: str = "") -> str:
-        """Hash of the tensors whose names start with ``prefix`` (e.g. the encoder's adapters)."""
+    def fingerprint(self, prefix: str | tuple[str, ...] = "") -> str:
+        """Hash of the tensors whose names start with ``prefix`` (or one of several; e.g. the encoder's
+        adapters)."""
         digest = hashlib.blake2b(digest_size=12)
         for name in sorted(self.tensors):
             if name.startswith(prefix):
@@ -74,13 +75,14 @@ class AdapterCheckpoint:
                 digest.update(self.tensors[name].float().numpy().tobytes())
         return digest.hexdigest()
 
-    def changes_encoder(self, fresh: dict[str, Tensor]) -> bool:
-        """Whether these tensors make the image encoder differ from the fresh (zero-initialised,
-        output-preserving) adapters in ``fresh``: if not, its embeddings equal the base model's."""
+    def changes_encoder(self, fresh: dict[str, Tensor], part: str | tuple[str, ...] = "image_encoder.") -> bool:
+        """Whether these tensors make the image encoder (or its ``part``: parameter-name prefixes) differ
+        from the fresh (zero-initialised, output-preserving) adapters in ``fresh``: if not, its output
+        equals the base model's."""
         return any(
             name not in fresh or not torch.equal(tensor.to(fresh[name].dtype), fresh[name])
             for name, tensor in self.tensors.items()
-            if name.startswith("image_encoder.")
+            if name.startswith(part)
         )
 
     def save(self, path: str | Path) -> Path:

@@ -1,6 +1,6 @@
 """Labelled datasets for training and evaluation: image/label volume pairs, 2D PNG slices with one mask
-per structure, and ``.npz`` volumes (MedSAM's ``imgs``/``gts`` layout). Every case becomes a pair of
-:class:`Volume` objects in the same grid plus the names of its label values."""
+per structure, ``.npz`` volumes (MedSAM's ``imgs``/``gts`` layout) and DICOM series with a DICOM-SEG.
+Every case becomes a pair of :class:`Volume` objects in the same grid plus the names of its label values."""
 
 from __future__ import annotations
 
@@ -164,6 +164,39 @@ def npz_volume(path: Path, source: str = "") -> LabelledCase:
     image = Volume(np.ascontiguousarray(imgs.transpose(2, 1, 0)), affine)
     label = Volume(np.ascontiguousarray(gts.transpose(2, 1, 0)), affine)
     return LabelledCase(path.stem, image, label, {}, source)
+
+
+def dicom_series(folder: Path) -> Volume:
+    """A DICOM image series (one folder), read by SimpleITK's series reader in position order."""
+    import SimpleITK as sitk
+
+    try:
+        reader = sitk.ImageSeriesReader()
+        names = reader.GetGDCMSeriesFileNames(str(folder))
+        if not names:
+            raise DatasetError(f"{folder}: no DICOM series")
+        reader.SetFileNames(names)
+        image = reader.Execute()
+    except DatasetError:
+        raise
+    except Exception as e:  # noqa: BLE001 - any reader failure is a bad series
+        raise DatasetError(f"{folder}: cannot read DICOM series ({type(e).__name__}: {e})") from None
+    array = sitk.GetArrayFromImage(image).transpose(2, 1, 0)  # ITK [k, j, i] -> stored [i, j, k]
+    lps = np.eye(4)
+    lps[:3, :3] = np.asarray(image.GetDirection(), dtype=np.float64).reshape(3, 3) * np.asarray(image.GetSpacing())
+    lps[:3, 3] = image.GetOrigin()
+    return Volume(np.ascontiguousarray(array), LPS_TO_RAS @ lps)
+
+
+def dicom_series_with_seg(folder: Path, seg: Path, source: str = "") -> LabelledCase:
+    """A DICOM series and a DICOM-SEG of it, the SEG's segments placed into the series' grid and named
+    by the SEG (``lib.core.dicom_seg``)."""
+    from .dicom_seg import read_seg
+    from .volume import label_in_grid
+
+    image = dicom_series(folder)
+    label, names = read_seg(seg)
+    return LabelledCase(folder.name, image, label_in_grid(label, image), names, source)
 
 
 def case_folders(root: Path, image_name: str, label_name: str, source: str = "") -> list[LabelledCase]:

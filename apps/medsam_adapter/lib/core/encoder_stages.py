@@ -48,6 +48,15 @@ def check_front(model: AdaptedSam, front_stages: int) -> None:
         raise EncoderSplitError(f"the kept front must be 1 to {n - 1} of the encoder's {n} stages, got {front_stages}")
 
 
+def front_prefixes(model: AdaptedSam, front_stages: int) -> tuple[str, ...]:
+    """Parameter-name prefixes of the front (patch embedding and the first ``front_stages`` stages): only
+    adapters under them change what :func:`encode_front` returns."""
+    check_front(model, front_stages)
+    patch_embed, stages, _ = _parts(model)
+    names = {id(m): n for n, m in model.named_modules()}
+    return tuple(f"{names[id(m)]}." for m in (patch_embed, *stages[:front_stages]))
+
+
 def encode_front(model: AdaptedSam, image01: Tensor, front_stages: int) -> Tensor:
     """Pixel normalisation, patch embedding and the first ``front_stages`` stages of (B, 3, S, S) images."""
     check_front(model, front_stages)

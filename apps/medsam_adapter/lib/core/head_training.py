@@ -87,9 +87,11 @@ def fit_head(
     validate: Callable[[], dict] | None = None,
     every: int = 250,
     log: Callable[[dict], None] | None = None,
+    keep_best: bool = True,
 ) -> dict:
-    """AdamW with cosine decay on the head's parameters only. With ``validate`` the head with the best
-    validation mean (checked every ``every`` steps) is kept. Returns a summary (history, seconds)."""
+    """AdamW with cosine decay on the head's parameters only. ``validate`` is checked every ``every``
+    steps; with ``keep_best`` the head with the best validation mean is kept, otherwise the last one
+    (``validate`` is then only reported). Returns a summary (history, best step, seconds)."""
     head = model.prompt_free_head
     if head is None:
         raise ValueError("the model has no prompt-free head")
@@ -128,6 +130,8 @@ def fit_head(
             history.append(entry)
             if log:
                 log(entry)
-    if best_state is not None:
+    if keep_best and best_state is not None:
         head.load_state_dict(best_state)
+    else:
+        best_step = steps
     return {"history": history, "best_step": best_step or steps, "seconds": round(time.time() - start, 1)}
