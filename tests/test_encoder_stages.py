@@ -54,12 +54,12 @@ def test_adapters_trained_in_the_back_leave_the_kept_fronts_valid(backbone):
     fresh = base.adaptable_state()
     trained = _trained_looking(backbone)
     n = stage_count(trained) - 1
+    front = front_prefixes(trained, n)
     with torch.no_grad():  # the front's adapters back to fresh: only the back stays trained
         for name, p in trained.named_parameters():
-            if name.startswith(front_prefixes(trained, n)) and name in fresh:
+            if name.startswith(front) and name in fresh:
                 p.copy_(fresh[name])
     checkpoint = AdapterCheckpoint.from_model(trained, 1)
-    front = front_prefixes(trained, n)
     assert front[0] == "image_encoder.patch_embed." and len(front) == n + 1
     assert checkpoint.changes_encoder(fresh) and not checkpoint.changes_encoder(fresh, front)
     x = torch.rand(1, 3, base.img_size, base.img_size, generator=torch.Generator().manual_seed(0))

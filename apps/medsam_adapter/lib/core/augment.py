@@ -57,7 +57,7 @@ def hu_jittered(case: LabelledCase, shift: float, scale: float) -> LabelledCase:
     if float(image.min()) > CT_AIR_THRESHOLD:
         return case
     values = image.astype(np.float32)
-    tissue = values > -500
+    tissue = values > CT_AIR_THRESHOLD
     values[tissue] = (values[tissue] - 40.0) * scale + 40.0 + shift
     return replace(case, case_id=f"{case.case_id}@hu{shift:+.0f}x{scale:.2f}",
                    image=Volume(values, case.image.affine))

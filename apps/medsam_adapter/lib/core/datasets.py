@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .volume import LPS_TO_RAS, Volume, VolumeError, load_volume
+from .volume import LPS_TO_RAS, Volume, VolumeError, load_volume, volume_from_sitk
 
 IMAGE_SUFFIXES = (".nii.gz", ".nii", ".nrrd")
 
@@ -181,11 +181,7 @@ def dicom_series(folder: Path) -> Volume:
         raise
     except Exception as e:  # noqa: BLE001 - any reader failure is a bad series
         raise DatasetError(f"{folder}: cannot read DICOM series ({type(e).__name__}: {e})") from None
-    array = sitk.GetArrayFromImage(image).transpose(2, 1, 0)  # ITK [k, j, i] -> stored [i, j, k]
-    lps = np.eye(4)
-    lps[:3, :3] = np.asarray(image.GetDirection(), dtype=np.float64).reshape(3, 3) * np.asarray(image.GetSpacing())
-    lps[:3, 3] = image.GetOrigin()
-    return Volume(np.ascontiguousarray(array), LPS_TO_RAS @ lps)
+    return volume_from_sitk(image)
 
 
 def dicom_series_with_seg(folder: Path, seg: Path, source: str = "") -> LabelledCase:

@@ -4,10 +4,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
 import pydicom
 
-from .volume import LPS_TO_RAS, Volume, VolumeError
+from .volume import Volume, VolumeError, volume_from_sitk
 
 
 def label_name(segment_label: str) -> str:
@@ -20,7 +19,6 @@ def read_seg(path: str | Path) -> tuple[Volume, dict[int, str]]:
     """A DICOM-SEG as (label volume with values = segment numbers, {segment number: label name}).
     The volume covers the SEG's frames only; place it into its image with ``label_in_grid``."""
     import pydicom_seg
-    import SimpleITK as sitk
 
     try:
         dcm = pydicom.dcmread(str(path))
@@ -31,10 +29,5 @@ def read_seg(path: str | Path) -> tuple[Volume, dict[int, str]]:
         raise
     except Exception as e:  # noqa: BLE001 - any decoding failure is a bad file for the user
         raise VolumeError(f"{Path(path).name}: cannot decode DICOM-SEG ({type(e).__name__}: {e})") from None
-    image = result.image
-    array = sitk.GetArrayFromImage(image).transpose(2, 1, 0)  # ITK [k, j, i] -> stored [i, j, k]
-    lps = np.eye(4)
-    lps[:3, :3] = np.asarray(image.GetDirection(), dtype=np.float64).reshape(3, 3) * np.asarray(image.GetSpacing())
-    lps[:3, 3] = image.GetOrigin()
     names = {int(s.SegmentNumber): label_name(str(s.SegmentLabel)) for s in dcm.SegmentSequence}
-    return Volume(np.ascontiguousarray(array), LPS_TO_RAS @ lps), names
+    return volume_from_sitk(result.image), names

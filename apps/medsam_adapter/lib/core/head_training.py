@@ -134,4 +134,4 @@ def fit_head(
         head.load_state_dict(best_state)
     else:
         best_step = steps
-    return {"history": history, "best_step": best_step or steps, "seconds": round(time.time() - start, 1)}
+    return {"history": history, "best_step": best_step, "seconds": round(time.time() - start, 1)}

@@ -88,6 +88,17 @@ def load_volume(path: str | Path) -> Volume:
     return Volume(array, np.asarray(affine, dtype=np.float64))
 
 
+def volume_from_sitk(image) -> Volume:
+    """A SimpleITK image (ITK's [k, j, i] array, LPS direction, spacing and origin) as a Volume."""
+    import SimpleITK as sitk
+
+    array = sitk.GetArrayFromImage(image).transpose(2, 1, 0)  # ITK [k, j, i] -> stored [i, j, k]
+    lps = np.eye(4)
+    lps[:3, :3] = np.asarray(image.GetDirection(), dtype=np.float64).reshape(3, 3) * np.asarray(image.GetSpacing())
+    lps[:3, 3] = image.GetOrigin()
+    return Volume(np.ascontiguousarray(array), LPS_TO_RAS @ lps)
+
+
 def volume_from_bytes(content: bytes, suffix: str) -> Volume:
     """A volume from file bytes (an HTTP answer or upload); ``suffix`` names the format (``.nrrd``, ...)."""
     with tempfile.TemporaryDirectory() as tmp:
