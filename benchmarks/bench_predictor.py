@@ -8,6 +8,10 @@ Prints medians over repeats, all measured in this one process so ratios are comp
 - first prompt on a slice (encoder + decoder) vs a further prompt on the same slice (cached),
 - a click with fed-back logits on a cached slice: bare LiteMedSAM vs the shipped click adapter
   (interleaved repeats, the adapters' cost per click),
+- ``--first-click OTHER.pt``: the engine as served (the profile's encoder and decoder runtimes), a lone
+  click on a slice seen for the first time and one on a prefetched slice, the profile's shipped adapters
+  against OTHER adapters (interleaved; adapters that change the encoder also need the base model's
+  embedding for a lone click's scale candidates),
 - the decoder runtimes (lib/serving/decoder_runtime.py) on cached slices of the shipped abdomen CT: torch
   vs the OpenVINO graph for a lone click (its scale candidates included) and a correction click, with the
   masks' Dice against torch's (``--decoder-only`` prints just these).
@@ -156,6 +160,49 @@ def decoder_runtimes(repeats: int, other: dict | None = None) -> dict[str, float
     return {f"decoder_{k}": v for k, v in out.items()}
 
 
+def first_click_cost(other: Path, repeats: int) -> dict[str, float | str]:
+    """Median ms of a lone click through the engine on a new slice (its embeddings computed) and on a
+    prefetched one, the profile's shipped adapters against ``other`` (interleaved over slices)."""
+    from lib.core.engine import InteractiveSegmenter
+    from lib.core.prompts import parse_prompts
+
+    profile = load_profile(PROFILE)
+    image_path = ROOT / "sample-data" / "spleen_ct.nii.gz"
+    image = load_volume(image_path)
+    label = load_volume(ROOT / "sample-data" / "reference" / "spleen_ct.nii.gz")
+    engines = {
+        "shipped": InteractiveSegmenter(profile, adapter_dir=None, device="cpu"),
+        "other": InteractiveSegmenter(replace(profile, adapter_checkpoint=other.resolve()), adapter_dir=None,
+                                      device="cpu"),
+    }
+    for engine in engines.values():
+        engine.warm_up()
+    ks = [int(k) for k in np.nonzero(label.array.any(axis=(0, 1)))[0]]
+    times: dict[str, list[float]] = {f"{n}_{w}": [] for n in engines for w in ("new_slice", "prefetched_slice")}
+    fingerprints = {}
+    for i in range(repeats):
+        k = ks[i % len(ks)]
+        inside = np.argwhere(label.array[:, :, k] > 0)
+        click = parse_prompts({"foreground": [[*map(int, inside[len(inside) // 2]), k]]}, image.shape)
+        for name, engine in engines.items():
+            engine.embeddings.clear()
+            start = time.perf_counter()
+            engine.segment(image, click, three_d=False)
+            times[f"{name}_new_slice"].append((time.perf_counter() - start) * 1e3)
+            engine.embeddings.clear()
+            engine.prefetch(image_path, k)
+            start = time.perf_counter()
+            engine.segment(image, click, three_d=False)
+            times[f"{name}_prefetched_slice"].append((time.perf_counter() - start) * 1e3)
+            fingerprints[name] = engine.current().encoder_fingerprint
+    out: dict[str, float | str] = {f"first_click_{k}_ms": statistics.median(v) for k, v in times.items()}
+    out["first_click_other_adapters"] = str(other)
+    out["first_click_new_slice_other_over_shipped_ratio"] = round(
+        out["first_click_other_new_slice_ms"] / out["first_click_shipped_new_slice_ms"], 2)
+    out["first_click_encoders"] = " / ".join(f"{n}: {f}" for n, f in fingerprints.items())
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=7)
@@ -166,8 +213,16 @@ def main() -> None:
     parser.add_argument("--other-inference", nargs="*", default=[], metavar="KEY=VALUE",
                         help="with --decoder-only: also time OpenVINO with these [inference] settings (TOML values, "
                              "e.g. repair_logit=0) against the profile's")
+    parser.add_argument("--first-click", type=Path, metavar="OTHER.pt",
+                        help="only a lone click through the engine, the shipped adapters against OTHER.pt")
     args = parser.parse_args()
     device = torch.device(args.device)
+    if args.first_click is not None:
+        if not args.first_click.is_file():
+            raise SystemExit(f"--first-click: no file {args.first_click}")
+        result = first_click_cost(args.first_click, args.repeats)
+        print(json.dumps({"threads": torch.get_num_threads(), **result}, indent=2))
+        return
     if args.decoder_only:
         try:
             scales = [float(v) for v in args.other_scales.split(",") if v.strip()]

@@ -263,8 +263,9 @@ def test_overload_answers_503_with_retry_after_and_recovers(busy_server):
 
 @pytest.fixture(scope="module")
 def small_cache_server(tmp_path_factory):
-    # LiteMedSAM embeddings are 4.19 MB: a 21 MB cache holds 5
-    srv = start(tmp_path_factory, "prefetch", {"embedding_cache_mb": "21", "prefetch_slices": "2"})
+    # LiteMedSAM embeddings are 4.19 MB, and with the shipped adapters (they change the encoder) a slice needs
+    # two (the base model's for boxes and a lone click's candidates): a 42 MB cache holds 5 slices
+    srv = start(tmp_path_factory, "prefetch", {"embedding_cache_mb": "42", "prefetch_slices": "2"})
     yield srv
     srv.stop()
 
@@ -295,7 +296,7 @@ def test_prefetch_encodes_neighbours_within_the_cache_budget(small_cache_server)
     first = label_of(infer(url, "medsam_2d", {"client_id": "a", "foreground": [[58, 45, 10]]}, image))[1]
     assert not first["embedding_cached"]
     status = wait_idle(url, image, budget)
-    assert status["embedding_cache"]["entries"] == 5  # slice 10 and 11, 9, 12, 8
+    assert status["embedding_cache"]["entries"] == 10  # slice 10 and 11, 9, 12, 8, two embeddings each
     # moving to the next slice is now a click on a cached embedding
     nxt = label_of(infer(url, "medsam_2d", {"client_id": "a", "foreground": [[58, 45, 11]]}, image))[1]
     assert nxt["embedding_cached"] and nxt["latency_ms"]["encoder"] == 0

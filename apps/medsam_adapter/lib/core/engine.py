@@ -225,8 +225,8 @@ class InteractiveSegmenter:
                 fingerprint = "base"  # encoder adapters untrained (zero up-projections): base embeddings
             else:
                 fingerprint = f"enc-{ckpt.fingerprint('image_encoder.')}"
-        if not model.prompt_free_head_trained:
-            load_shipped_head(self.profile, model)  # the head shipped for this embedding, if any
+        if not model.prompt_free_head_trained and fingerprint == "base":
+            load_shipped_head(self.profile, model)  # the head shipped for the base model's embedding, if any
         model.to(self.device).eval()
         from ..serving.decoder_runtime import RuntimeDecoder  # OpenVINO graph built in the background
         from ..serving.runtimes import RuntimeEncoder  # the profile's encoder runtime, prepared on first use
@@ -322,6 +322,15 @@ class InteractiveSegmenter:
         stack = view.stack(volume.array, k, loaded.model.depth_slices)
         return self.predictor(loaded).is_embedded(stack, win, view.spacing)
 
+    def slice_versions(self) -> list[LoadedModel]:
+        """The model versions whose embeddings a slice's prompts use: the served one, and the bare base
+        model too when shipped adapters change the encoder (boxes alone and a lone click's candidates)."""
+        loaded = self.current()
+        bare = self.bare_model() if loaded.shipped else None
+        if bare is not None and bare.encoder_fingerprint != loaded.encoder_fingerprint:
+            return [loaded, bare]
+        return [loaded]
+
     def prefetch(self, path: str | Path, k: int, window: str | None = None, axis: int = 2) -> bool:
         """Put slice ``k``'s embedding into the cache (as a prompt on it would; also the base model's when
         shipped adapters change the encoder); True when something was encoded now, False when it was cached
@@ -330,13 +339,8 @@ class InteractiveSegmenter:
         if not 0 <= k < volume.shape[axis]:
             return False
         view = SliceView.from_affine(volume.affine, axis)
-        loaded = self.current()
-        versions = [loaded]
-        bare = self.bare_model() if loaded.shipped else None
-        if bare is not None and bare.encoder_fingerprint != loaded.encoder_fingerprint:
-            versions.append(bare)  # shipped adapters that change the encoder: boxes, lone clicks
         encoded = False
-        for version in versions:
+        for version in self.slice_versions():
             _, _, cached, _ = self.predictor(version).embed(
                 view.stack(volume.array, k, version.model.depth_slices), self.window(volume, window), view.spacing
             )
@@ -449,8 +453,10 @@ class InteractiveSegmenter:
         loaded = self.current()
         if not loaded.model.labels:
             raise PromptError(f"profile '{self.profile.name}' has no labels, so it has no automatic mode")
-        if loaded.shipped and not loaded.model.prompt_free_head_trained:
-            loaded = self.bare_model()  # shipped adapters that change the encoder: the head shipped for the base's
+        if not loaded.model.prompt_free_head_trained and self.bare_model().model.prompt_free_head_trained:
+            # adapters that change the encoder (shipped, or a round started from them) and train no head:
+            # the head shipped for the base model's embedding answers on it
+            loaded = self.bare_model()
         if not loaded.model.prompt_free_head_trained:
             raise PromptError(
                 f"the automatic head of '{self.profile.name}' has not been trained yet for labels "

@@ -139,8 +139,9 @@ class SlicePredictor:
         scaled = alone and bool(self.inference.lone_click_scales_mm)
         # built outside inference mode; `on` is the embedding they answer on (its encoding counts as encoder time)
         scale_start = time.perf_counter()
-        bare, lone, on = self._scale_models(image, window, spacing, embedding) if scaled else (None, None, None)
-        scale_ms = (time.perf_counter() - scale_start) * 1e3 if on is not None and on is not embedding else 0.0
+        bare, lone, on, base_encoded = self._scale_models(image, window, spacing, embedding) if scaled else (
+            None, None, None, False)
+        scale_ms = (time.perf_counter() - scale_start) * 1e3 if base_encoded else 0.0
         with torch.inference_mode():
             out = self.loaded.decoder()(
                 embedding, points=points, boxes=boxes, mask_logits=mask_logits, multimask=multimask
@@ -183,7 +184,7 @@ class SlicePredictor:
             mask=mask,
             low_res_logits=low_res.detach().cpu(),
             iou=iou,
-            embedding_cached=cached,
+            embedding_cached=cached and not base_encoded,
             timings_ms={"encoder": (0.0 if cached else enc_ms) + scale_ms, "decoder": dec_ms},
         )
 
@@ -206,9 +207,10 @@ class SlicePredictor:
 
     def _scale_models(
         self, image: np.ndarray, window: IntensityWindow, spacing: tuple[float, float], embedding: Tensor
-    ) -> tuple[LoadedModel | None, LoadedModel | None, Tensor]:
+    ) -> tuple[LoadedModel | None, LoadedModel | None, Tensor, bool]:
         """The bare model and the lone-click adapters of a lone click's scale choice (None: not there, or
-        not on the embedding they would answer on), and that embedding: the served one when they share it.
+        not on the embedding they would answer on), that embedding (the served one when they share it), and
+        whether it was encoded now.
         Shipped adapters that change the encoder keep the bare model's and the lone-click adapters' answers
         on the base model's own embedding (one more encoder pass on a slice's first click, unless cached);
         adapters from training rounds answer the click in each box themselves."""
@@ -217,10 +219,13 @@ class SlicePredictor:
         on, fingerprint = embedding, self.loaded.encoder_fingerprint
         if bare is not None and bare.encoder_fingerprint != fingerprint:
             if not self.loaded.shipped:
-                return None, None, embedding
+                return None, None, embedding, False
             base = SlicePredictor(bare, self.cache, self.preprocessing, self.inference, self.device)
-            on, fingerprint = base.embed(image, window, spacing)[0], bare.encoder_fingerprint
-        return bare, lone if lone is not None and lone.encoder_fingerprint == fingerprint else None, on
+            on, _, cached, _ = base.embed(image, window, spacing)
+            fingerprint, encoded = bare.encoder_fingerprint, not cached
+        else:
+            encoded = False
+        return bare, lone if lone is not None and lone.encoder_fingerprint == fingerprint else None, on, encoded
 
     def _scaled_click(
         self,

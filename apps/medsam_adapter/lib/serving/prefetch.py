@@ -171,8 +171,9 @@ class Prefetcher:
         progress.state = "running"
         try:
             cache = segmenter.embeddings
-            per_entry = cache.nbytes / len(cache) if len(cache) else 0.0
-            if per_entry and (progress.encoded + 1) * per_entry > cache.max_bytes * RANGE_SHARE_OF_CACHE:
+            # a slice may need two embeddings (shipped adapters that change the encoder, and the base model's)
+            per_slice = cache.nbytes / len(cache) * len(segmenter.slice_versions()) if len(cache) else 0.0
+            if per_slice and (progress.encoded + 1) * per_slice > cache.max_bytes * RANGE_SHARE_OF_CACHE:
                 progress.state = "limited"
                 progress.detail = (
                     f"stopped after {progress.encoded} encoded slices: a range may fill at most "
