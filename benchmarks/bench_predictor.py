@@ -179,7 +179,6 @@ def first_click_cost(other: Path, repeats: int) -> dict[str, float | str]:
         engine.warm_up()
     ks = [int(k) for k in np.nonzero(label.array.any(axis=(0, 1)))[0]]
     times: dict[str, list[float]] = {f"{n}_{w}": [] for n in engines for w in ("new_slice", "prefetched_slice")}
-    fingerprints = {}
     for i in range(repeats):
         k = ks[i % len(ks)]
         inside = np.argwhere(label.array[:, :, k] > 0)
@@ -194,12 +193,11 @@ def first_click_cost(other: Path, repeats: int) -> dict[str, float | str]:
             start = time.perf_counter()
             engine.segment(image, click, three_d=False)
             times[f"{name}_prefetched_slice"].append((time.perf_counter() - start) * 1e3)
-            fingerprints[name] = engine.current().encoder_fingerprint
     out: dict[str, float | str] = {f"first_click_{k}_ms": statistics.median(v) for k, v in times.items()}
     out["first_click_other_adapters"] = str(other)
     out["first_click_new_slice_other_over_shipped_ratio"] = round(
         out["first_click_other_new_slice_ms"] / out["first_click_shipped_new_slice_ms"], 2)
-    out["first_click_encoders"] = " / ".join(f"{n}: {f}" for n, f in fingerprints.items())
+    out["first_click_encoders"] = " / ".join(f"{n}: {e.current().encoder_fingerprint}" for n, e in engines.items())
     return out
 
 

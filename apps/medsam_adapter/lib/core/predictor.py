@@ -216,15 +216,13 @@ class SlicePredictor:
         adapters from training rounds answer the click in each box themselves."""
         bare = self.bare() if self.bare is not None else None
         lone = self.lone() if self.lone is not None else None
-        on, fingerprint = embedding, self.loaded.encoder_fingerprint
+        on, fingerprint, encoded = embedding, self.loaded.encoder_fingerprint, False
         if bare is not None and bare.encoder_fingerprint != fingerprint:
             if not self.loaded.shipped:
                 return None, None, embedding, False
             base = SlicePredictor(bare, self.cache, self.preprocessing, self.inference, self.device)
             on, _, cached, _ = base.embed(image, window, spacing)
             fingerprint, encoded = bare.encoder_fingerprint, not cached
-        else:
-            encoded = False
         return bare, lone if lone is not None and lone.encoder_fingerprint == fingerprint else None, on, encoded
 
     def _scaled_click(
