@@ -14,6 +14,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass, replace
 
 import numpy as np
 from scipy import ndimage
@@ -97,6 +98,7 @@ def local_correction(
     total_share: float = 0.0,
     reach: int = 2,
     max_removal: float = 0.25,
+    whole_new: bool = True,
 ) -> np.ndarray:
     """A correction click changes the answer only where it was wrong, and only the way it asks: a
     foreground click the previous answer missed takes the new answer's additions that touch it (within
@@ -108,7 +110,8 @@ def local_correction(
     previous answer had right keeps the previous answer there, and so does a region removed at a
     background click that holds more than ``max_removal`` of the previous answer (a negative click on a
     leak must not remove the object the positive clicks are on; :func:`respect_clicks` then cuts the leak
-    around the click)."""
+    around the click). ``whole_new`` False: the new answer is never taken whole (it also answered clicks
+    that are handled elsewhere, :func:`clicks_apart`); without a click it changes, the previous answer."""
     fg = [tuple(p) for p in np.asarray(foreground_rc).reshape(-1, 2)]
     bg = [tuple(p) for p in np.asarray(background_rc).reshape(-1, 2)]
     # additions and removals are regions of their own: a click that asks to add never takes a removal
@@ -132,19 +135,73 @@ def local_correction(
         sizes[list(settled)] = 0
     wrong = [(p, 1, n_added) for p in fg if not previous[p]] + [(p, n_added + 1, count) for p in bg if previous[p]]
     if not wrong:
-        return new
+        return new if whole_new else previous.copy()
     touched: set[int] = set()
     for (r, c), low, high in wrong:  # additions near a missed foreground click, removals near a held background one
         window = regions[max(0, r - reach) : r + reach + 1, max(0, c - reach) : c + reach + 1]
         touched.update(int(v) for v in np.unique(window) if low <= v <= high)
     others = [i for i in range(1, count + 1) if i not in touched]
-    if sum(int(sizes[i]) for i in others) <= total_share * area:
+    if whole_new and sum(int(sizes[i]) for i in others) <= total_share * area:
         return new
     out = previous.copy()
     if touched:
         changed = np.isin(regions, list(touched))
         out[changed] = new[changed]
     return out
+
+
+@dataclass(frozen=True)
+class CorrectionQuery:
+    """What a correction asks the model (:func:`correction_query`)."""
+
+    foreground: np.ndarray  # bool per foreground click: asked
+    background: np.ndarray  # bool per background click: asked
+    apart: np.ndarray  # bool per foreground click: a new part, answered alone at its own scale
+    other_parts: np.ndarray | None  # the previous answer's parts not asked about (slice mask); None: all
+
+
+def correction_query(
+    previous: np.ndarray,
+    foreground_rc: np.ndarray,
+    background_rc: np.ndarray,
+    gap: float,
+    by_part: bool,
+    join: float = 3.0,
+) -> CorrectionQuery:
+    """Which clicks a correction asks the model about, given the previous answer.
+
+    The model answers all its clicks as one object: given clicks on two lesions 38 pixels apart it bridges
+    them (an MS lesion slice: 8 -> 645 pixels). Every click belongs to the previous answer's nearest part
+    (its connected pixels, pieces closer than ``join`` pixels joined: the upsampled logits leave specks
+    beside an object). ``by_part``: when the clicks the previous answer got wrong (a foreground click
+    outside it, a background click inside) are all on one part of several, only that part's clicks are
+    asked and the other parts are left out of the prompt. ``gap`` > 0: a foreground click outside the
+    answer farther from its nearest part than ``gap`` times that part's equivalent radius (and 2 pixels),
+    or any when the answer is empty, starts a new part: it is not asked with the others but answered alone.
+    """
+    fg = np.asarray(foreground_rc, dtype=np.int64).reshape(-1, 2)
+    bg = np.asarray(background_rc, dtype=np.int64).reshape(-1, 2)
+    everything = CorrectionQuery(np.ones(len(fg), bool), np.ones(len(bg), bool), np.zeros(len(fg), bool), None)
+    if not previous.any():
+        return replace(everything, foreground=np.full(len(fg), gap <= 0), apart=np.full(len(fg), gap > 0))
+    distance, (near_r, near_c) = ndimage.distance_transform_edt(~previous, return_indices=True)
+    joined, count = ndimage.label(distance <= join / 2)
+    parts = np.where(previous, joined, 0)
+
+    def part_of(points: np.ndarray) -> np.ndarray:
+        return parts[near_r[points[:, 0], points[:, 1]], near_c[points[:, 0], points[:, 1]]]
+
+    fg_part, bg_part = part_of(fg), part_of(bg)
+    radius = np.sqrt(np.bincount(parts.ravel(), minlength=count + 1) / np.pi)
+    missed = ~previous[fg[:, 0], fg[:, 1]]
+    far = distance[fg[:, 0], fg[:, 1]] > np.maximum(2.0, gap * radius[fg_part])
+    apart = missed & far if gap > 0 else np.zeros(len(fg), bool)
+    held = previous[bg[:, 0], bg[:, 1]]
+    wrong = set(fg_part[missed & ~apart].tolist()) | set(bg_part[held].tolist())
+    if not by_part or count == 1 or len(wrong) != 1:
+        return replace(everything, foreground=~apart, apart=apart)
+    (part,) = wrong
+    return CorrectionQuery((fg_part == part) & ~apart, bg_part == part, apart, (parts > 0) & (parts != part))
 
 
 def respect_clicks(

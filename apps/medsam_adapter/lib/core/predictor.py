@@ -12,7 +12,7 @@ from torch import Tensor
 
 from .cache import EmbeddingCache, content_key
 from .click_features import TokenSimilarity, repair_with_features
-from .clicks import boxes_at_scales, local_correction, pick_scale, respect_clicks
+from .clicks import boxes_at_scales, correction_query, local_correction, pick_scale, respect_clicks
 from .config import InferenceSettings, PreprocessSettings
 from .model import AdaptedSam, Decoded, lone_click
 from .preprocess import IntensityWindow, LetterboxFrame, model_input
@@ -125,52 +125,31 @@ class SlicePredictor:
         embedding, frame, cached, enc_ms = self.embed(image, window, spacing)
         start = time.perf_counter()
         points = boxes = None
+        fg = bg = np.zeros((0, 2), dtype=np.int64)
         if n_points:
-            xy = torch.as_tensor(frame.points_to_model(points_rc), dtype=torch.float32, device=self.device)
-            labels = torch.as_tensor(np.asarray(point_labels).reshape(-1), dtype=torch.int64, device=self.device)
-            points = (xy[None], labels[None])
+            labels_np = np.asarray(point_labels).reshape(-1)
+            rc_np = np.asarray(points_rc, dtype=np.int64).reshape(-1, 2)
+            fg, bg = rc_np[labels_np == 1], rc_np[labels_np == 0]
+            points = self._points(frame, rc_np, labels_np)
         if box_rc is not None:
             boxes = torch.as_tensor(frame.box_to_model(*box_rc), dtype=torch.float32, device=self.device)[None]
         if mask_logits is not None:
             mask_logits = mask_logits.to(self.device, torch.float32)
         mode = self.inference.multimask_for_single_click
-        alone = lone_click(points, boxes, mask_logits) and int(point_labels.reshape(-1)[0]) == 1
-        multimask = (mode == "always" or (mode == "auto" and self.model.trained_multimask_single_click)) and alone
-        scaled = alone and bool(self.inference.lone_click_scales_mm)
-        # built outside inference mode; `on` is the embedding they answer on (its encoding counts as encoder time)
-        scale_start = time.perf_counter()
-        bare, lone, on, base_encoded = self._scale_models(image, window, spacing, embedding) if scaled else (
-            None, None, None, False)
-        scale_ms = (time.perf_counter() - scale_start) * 1e3 if base_encoded else 0.0
-        with torch.inference_mode():
-            out = self.loaded.decoder()(
-                embedding, points=points, boxes=boxes, mask_logits=mask_logits, multimask=multimask
-            ).kept()
-            low_res = out.low_res_logits
-            logits = frame.logits_to_slice(low_res)[0, 0]
-            mask = (logits > 0).cpu().numpy()
-            iou = float(out.iou[0, 0])
-            if scaled:
-                mask, low_res, iou = self._scaled_click(
-                    embedding, on, frame, points, points_rc[0], spacing, bare, lone,
-                    (logits.cpu().numpy(), low_res, iou),
-                )
+        alone = lone_click(points, boxes, mask_logits) and len(fg) == 1
+        multimask = mode == "always" or (mode == "auto" and self.model.trained_multimask_single_click)
+        scale_ms = 0.0  # encoding the base model's embedding for scale candidates: encoder time
+        if alone and self.inference.lone_click_scales_mm:
+            mask, low_res, iou, scale_ms = self._lone_click_answer(
+                image, window, spacing, embedding, frame, fg[0], multimask)
+        elif n_points and mask_logits is not None and self.inference.local_corrections:
+            mask, low_res, iou, scale_ms = self._correction(
+                image, window, spacing, embedding, frame, rc_np, labels_np, boxes, mask_logits, multimask)
+        else:
+            mask, low_res, iou = self._decode(embedding, frame, points, boxes, mask_logits, multimask and alone)
         if n_points:
-            labels_np = np.asarray(point_labels).reshape(-1)
-            rc_np = np.asarray(points_rc, dtype=np.int64).reshape(-1, 2)
-            fg, bg = rc_np[labels_np == 1], rc_np[labels_np == 0]
-            if mask_logits is not None and self.inference.local_corrections:
-                with torch.inference_mode():
-                    previous = (frame.logits_to_slice(mask_logits)[0, 0] > 0).cpu().numpy()
-                mask = local_correction(previous, mask, fg, bg, self.inference.local_total_share,
-                                        max_removal=self.inference.local_max_removal)
-                # the next round is fed the previous logits where the previous answer was kept
-                answer = frame.labels_to_low_res(mask.astype(np.int64), tuple(low_res.shape[-2:])) > 0
-                differs = torch.as_tensor(answer != (low_res[0, 0] > 0).cpu().numpy(), device=low_res.device)
-                low_res = torch.where(differs, mask_logits.to(low_res.dtype), low_res)
             if self.inference.respect_clicks:
-                scale = min(frame.scale_r, frame.scale_c)
-                radius = max(1.5, self.model.img_size / self.model.low_res_size[0] / scale)
+                radius = self._click_radius(frame)
                 if mask_logits is not None and self.inference.feature_repair:
                     similarity = TokenSimilarity(embedding, frame, self.model.img_size, self.model.low_res_size)
                     settings = self.inference
@@ -184,9 +163,86 @@ class SlicePredictor:
             mask=mask,
             low_res_logits=low_res.detach().cpu(),
             iou=iou,
-            embedding_cached=cached and not base_encoded,
+            embedding_cached=cached and scale_ms == 0.0,
             timings_ms={"encoder": (0.0 if cached else enc_ms) + scale_ms, "decoder": dec_ms},
         )
+
+    def _click_radius(self, frame: LetterboxFrame) -> float:
+        """A click's repair radius in slice pixels: one low-res logit's extent, at least 1.5."""
+        return max(1.5, self.model.img_size / self.model.low_res_size[0] / min(frame.scale_r, frame.scale_c))
+
+    def _points(self, frame: LetterboxFrame, rc: np.ndarray, labels: np.ndarray) -> tuple[Tensor, Tensor]:
+        """Clicks (N, 2) display (row, col) with labels 1 fg / 0 bg as the decoder's point prompt."""
+        xy = torch.as_tensor(frame.points_to_model(rc), dtype=torch.float32, device=self.device)
+        return xy[None], torch.as_tensor(np.asarray(labels).reshape(1, -1), dtype=torch.int64, device=self.device)
+
+    def _decode(
+        self,
+        embedding: Tensor,
+        frame: LetterboxFrame,
+        points: tuple[Tensor, Tensor] | None,
+        boxes: Tensor | None,
+        mask_logits: Tensor | None,
+        multimask: bool,
+    ) -> tuple[np.ndarray, Tensor, float]:
+        """The served model's answer: (slice mask, low-res logits, predicted IoU)."""
+        with torch.inference_mode():
+            out = self.loaded.decoder()(
+                embedding, points=points, boxes=boxes, mask_logits=mask_logits, multimask=multimask
+            ).kept()
+            mask = (frame.logits_to_slice(out.low_res_logits)[0, 0] > 0).cpu().numpy()
+        return mask, out.low_res_logits, float(out.iou[0, 0])
+
+    def _correction(
+        self,
+        image: np.ndarray,
+        window: IntensityWindow,
+        spacing: tuple[float, float],
+        embedding: Tensor,
+        frame: LetterboxFrame,
+        clicks_rc: np.ndarray,
+        labels: np.ndarray,
+        boxes: Tensor | None,
+        mask_logits: Tensor,
+        multimask: bool,
+    ) -> tuple[np.ndarray, Tensor, float, float]:
+        """Clicks with the previous answer fed back: the model is asked about the part of the previous
+        answer the clicks it got wrong are on (:func:`correction_query`: a query is about one object), the
+        answer changes only where those clicks ask (:func:`local_correction`), and a foreground click apart
+        from the answer is answered alone at its own scale and added as a new part. (mask, low-res logits,
+        IoU, milliseconds spent encoding the base model's embedding)."""
+        settings = self.inference
+        with torch.inference_mode():
+            previous = (frame.logits_to_slice(mask_logits)[0, 0] > 0).cpu().numpy()
+        gap = settings.new_part_gap if settings.lone_click_scales_mm else 0.0
+        fg, bg = clicks_rc[labels == 1], clicks_rc[labels == 0]
+        query = correction_query(previous, fg, bg, gap, settings.part_corrections, 2 * self._click_radius(frame))
+        asked = np.zeros(len(labels), dtype=bool)  # the clicks the model is asked, in the request's order
+        asked[labels == 1], asked[labels == 0] = query.foreground, query.background
+        whole = not query.apart.any() and query.other_parts is None
+        mask, low_res, iou, encode_ms = previous, mask_logits, 0.0, 0.0
+        if asked.any() or boxes is not None:
+            prompt = mask_logits
+            if query.other_parts is not None:  # the parts not asked about: background in the prompt
+                other = frame.labels_to_low_res(query.other_parts.astype(np.int64), tuple(mask_logits.shape[-2:]))
+                other = torch.as_tensor(other > 0, device=mask_logits.device)
+                prompt = torch.where(other, mask_logits.clamp(max=-max(settings.repair_logit, 1.0)), mask_logits)
+            points = self._points(frame, clicks_rc[asked], labels[asked]) if asked.any() else None
+            new, low_res, iou = self._decode(embedding, frame, points, boxes, prompt, False)
+            mask = local_correction(previous, new, fg[query.foreground], bg[query.background],
+                                    settings.local_total_share, max_removal=settings.local_max_removal,
+                                    whole_new=whole)
+        mask = mask.copy()
+        for click in fg[query.apart]:  # a new part: the click answered alone, at its own object's scale
+            part, _, part_iou, ms = self._lone_click_answer(image, window, spacing, embedding, frame, click,
+                                                            multimask)
+            mask |= part
+            encode_ms += ms
+            iou = iou or part_iou
+        # the next round is fed the previous logits where the previous answer was kept
+        answer = frame.labels_to_low_res(mask.astype(np.int64), tuple(low_res.shape[-2:])) > 0
+        differs = torch.as_tensor(answer != (low_res[0, 0] > 0).cpu().numpy(), device=low_res.device)
+        return mask, torch.where(differs, mask_logits.to(low_res.dtype), low_res), iou, encode_ms
 
     def _fed_back(self, frame: LetterboxFrame, low_res: Tensor, shown: np.ndarray) -> Tensor:
         """The logits fed to the next round, made to give the answer the user saw: where ``low_res`` would
@@ -224,6 +280,32 @@ class SlicePredictor:
             on, _, cached, _ = base.embed(image, window, spacing)
             fingerprint, encoded = bare.encoder_fingerprint, not cached
         return bare, lone if lone is not None and lone.encoder_fingerprint == fingerprint else None, on, encoded
+
+    def _lone_click_answer(
+        self,
+        image: np.ndarray,
+        window: IntensityWindow,
+        spacing: tuple[float, float],
+        embedding: Tensor,
+        frame: LetterboxFrame,
+        click_rc: np.ndarray,
+        multimask: bool,
+    ) -> tuple[np.ndarray, Tensor, float, float]:
+        """A foreground click answered alone, at its object's scale (:meth:`_scaled_click`): (mask,
+        low-res logits, IoU, milliseconds spent encoding the base model's embedding for the candidates)."""
+        # built outside inference mode; `on` is the embedding they answer on (its encoding is encoder time)
+        start = time.perf_counter()
+        bare, lone, on, encoded = self._scale_models(image, window, spacing, embedding)
+        encode_ms = (time.perf_counter() - start) * 1e3 if encoded else 0.0
+        points = self._points(frame, np.asarray(click_rc).reshape(1, 2), np.ones(1))
+        with torch.inference_mode():
+            out = self.loaded.decoder()(embedding, points=points, multimask=multimask).kept()
+            logits = frame.logits_to_slice(out.low_res_logits)[0, 0].cpu().numpy()
+            mask, low_res, iou = self._scaled_click(
+                embedding, on, frame, points, click_rc, spacing, bare, lone,
+                (logits, out.low_res_logits, float(out.iou[0, 0])),
+            )
+        return mask, low_res, iou, encode_ms
 
     def _scaled_click(
         self,
