@@ -1,15 +1,18 @@
-"""Click sessions on train parts, the way the server answers them: where click handling is tuned.
+"""Click sessions on training data, the way the server answers them: where click handling is tuned.
 
-    .venv/bin/python benchmarks/trainpart_clicks.py [--methods shipped,NAME=PATH] [--inference KEY=VALUE]
-        [--clicks 8] [--embedding-store DIR] [--out results.json]
+    .venv/bin/python benchmarks/trainpart_clicks.py [--cases selection|multipart] [--methods shipped,NAME=PATH]
+        [--inference KEY=VALUE] [--clicks 8] [--slices 3] [--embedding-store DIR] [--out results.json]
 
-The sessions run on the click trainer's checkpoint-selection objects of ``--data full``
+``--cases selection`` (default): the click trainer's checkpoint-selection objects of ``--data full``
 (``scripts/train_click_adapter.py``: hippocampus, fetal-head, cardiac MR and AMOS CT cases set aside from
-the train parts; never trained on), through the same ``InteractiveSegmenter`` the infer tasks use
-(simulated annotator: a click at the most interior point of the largest error, previous answer fed back;
-3 slices per structure, seed 0). Prints each set's Dice after 1..N clicks and the mean of the set means,
-the numbers the README's "chosen on train parts" tables report. The held-out sets (validation parts,
-BraTS, DeepLesion) are for ``benchmarks/readme_results.sh``, run once on what this chose.
+the train parts; never trained on). ``--cases multipart``: objects in several pieces on a slice, both in the
+click adapter's training data — every MS lesion of ``../shared/data/mr_ms_lesions`` patient26 (the MS train
+part; up to 11 lesions a slice) and both kidneys of the sample abdomen CT as one object. Sessions run
+through the same ``InteractiveSegmenter`` the infer tasks use (simulated annotator: a click at the most
+interior point of the largest error, previous answer fed back; ``--slices`` slices per structure, seed 0).
+Prints each set's Dice after 1..N clicks and the mean of the set means, the numbers the README's "chosen on
+train parts" tables report. The held-out sets (validation parts, BraTS, DeepLesion) are for
+``benchmarks/readme_results.sh``, run once on what this chose.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ import argparse
 import json
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -29,9 +33,12 @@ from evaluate import backend_for  # noqa: E402  (also puts the app on sys.path)
 from train_click_adapter import data_volumes  # noqa: E402
 
 from lib.core.config import ProfileError, setting_pairs  # noqa: E402
-from lib.core.datasets import LabelledCase  # noqa: E402
+from lib.core.datasets import LabelledCase, case_folders  # noqa: E402
 from lib.core.evaluation import EvalSettings, dice_curve, evaluate_cases, records_as_dicts  # noqa: E402
 from lib.core.training import as_volume  # noqa: E402
+from lib.core.volume import load_volume  # noqa: E402
+
+SHARED = ROOT.parent / "shared" / "data"
 
 
 def selection_cases() -> list[LabelledCase]:
@@ -43,6 +50,22 @@ def selection_cases() -> list[LabelledCase]:
         cases.append(
             LabelledCase(case_id, as_volume(v.image), as_volume(v.label), dict(v.names), source or "sample-data")
         )
+    return cases
+
+
+def multipart_cases() -> list[LabelledCase]:
+    """MS lesions of patient26 (when ../shared/data is there) and the sample abdomen CT's two kidneys, each
+    as one object in several pieces."""
+    cases = []
+    ms = SHARED / "mr_ms_lesions"
+    if ms.is_dir():
+        cases += [replace(c, names={1: "lesions"}, source="ms_lesions_patient26")
+                  for c in case_folders(ms, "flair.nii.gz", "label.nii.gz", "mr_ms_lesions")
+                  if c.case_id == "patient26"]
+    image = load_volume(ROOT / "sample-data" / "abdomen_ct.nii.gz")
+    label = load_volume(ROOT / "sample-data" / "reference" / "abdomen_ct.nii.gz")
+    kidneys = replace(label, array=np.isin(label.array, (2, 3)).astype(np.uint8))
+    cases.append(LabelledCase("abdomen_ct", image, kidneys, {1: "kidneys"}, "kidneys_abdomen_ct"))
     return cases
 
 
@@ -71,7 +94,10 @@ def main() -> None:
         metavar="KEY=VALUE",
         help="override a profile [inference] setting (repeatable)",
     )
+    parser.add_argument("--cases", choices=("selection", "multipart"), default="selection",
+                        help="the trainer's selection objects, or objects in several pieces (see above)")
     parser.add_argument("--clicks", type=int, default=8)
+    parser.add_argument("--slices", type=int, default=3, help="slices per structure")
     parser.add_argument("--profile", default="lite_medsam")
     parser.add_argument("--embedding-store", type=Path, default=None, help="keep and reuse image embeddings here")
     parser.add_argument("--out", type=Path, default=None, help="write every number as JSON here")
@@ -80,11 +106,11 @@ def main() -> None:
         inference = setting_pairs(args.inference)
     except ProfileError as e:
         sys.exit(f"--inference: {e}")
-    cases = selection_cases()
+    cases = selection_cases() if args.cases == "selection" else multipart_cases()
     if len({c.case_id for c in cases}) != len(cases):
-        sys.exit("selection case ids are not unique across sets")
-    settings = EvalSettings(max_clicks=args.clicks, max_slices_per_structure=3, three_d=False, seed=0)
-    report = {"inference": inference, "clicks": args.clicks, "methods": {}}
+        sys.exit("case ids are not unique across sets")
+    settings = EvalSettings(max_clicks=args.clicks, max_slices_per_structure=args.slices, three_d=False, seed=0)
+    report = {"cases": args.cases, "inference": inference, "clicks": args.clicks, "methods": {}}
     for item in args.methods.split(","):
         name, _, method = item.rpartition("=")
         name = name or method

@@ -111,7 +111,8 @@ def local_correction(
     background click that holds more than ``max_removal`` of the previous answer (a negative click on a
     leak must not remove the object the positive clicks are on; :func:`respect_clicks` then cuts the leak
     around the click). ``whole_new`` False: the new answer is never taken whole (it also answered clicks
-    that are handled elsewhere, :func:`clicks_apart`); without a click it changes, the previous answer."""
+    that are handled elsewhere, :func:`correction_query`'s new parts); without a click it changes, the
+    previous answer."""
     fg = [tuple(p) for p in np.asarray(foreground_rc).reshape(-1, 2)]
     bg = [tuple(p) for p in np.asarray(background_rc).reshape(-1, 2)]
     # additions and removals are regions of their own: a click that asks to add never takes a removal
