@@ -183,6 +183,8 @@ def correction_query(
     fg = np.asarray(foreground_rc, dtype=np.int64).reshape(-1, 2)
     bg = np.asarray(background_rc, dtype=np.int64).reshape(-1, 2)
     everything = CorrectionQuery(np.ones(len(fg), bool), np.ones(len(bg), bool), np.zeros(len(fg), bool), None)
+    if gap <= 0 and not by_part:  # both off (the default): no distance transform on every correction click
+        return everything
     if not previous.any():
         return replace(everything, foreground=np.full(len(fg), gap <= 0), apart=np.full(len(fg), gap > 0))
     distance, (near_r, near_c) = ndimage.distance_transform_edt(~previous, return_indices=True)
