@@ -7,7 +7,9 @@
 (``scripts/train_click_adapter.py``: hippocampus, fetal-head, cardiac MR and AMOS CT cases set aside from
 the train parts; never trained on). ``--cases multipart``: objects in several pieces on a slice, both in the
 click adapter's training data — every MS lesion of ``../shared/data/mr_ms_lesions`` patient26 (the MS train
-part; up to 11 lesions a slice) and both kidneys of the sample abdomen CT as one object. Sessions run
+part; up to 11 lesions a slice) and both kidneys of the sample abdomen CT as one object. ``--cases
+abdomen``: every structure of the sample abdomen CT and MR (TotalSegmentator references; organs, muscles,
+bowel), also training data. Sessions run
 through the same ``InteractiveSegmenter`` the infer tasks use (simulated annotator: a click at the most
 interior point of the largest error, previous answer fed back; ``--slices`` slices per structure, seed 0).
 Prints each set's Dice after 1..N clicks and the mean of the set means, the numbers the README's "chosen on
@@ -33,7 +35,7 @@ from evaluate import backend_for  # noqa: E402  (also puts the app on sys.path)
 from train_click_adapter import data_volumes  # noqa: E402
 
 from lib.core.config import ProfileError, setting_pairs  # noqa: E402
-from lib.core.datasets import LabelledCase, case_folders  # noqa: E402
+from lib.core.datasets import LabelledCase, case_folders, read_label_names, volume_pair  # noqa: E402
 from lib.core.evaluation import EvalSettings, dice_curve, evaluate_cases, records_as_dicts  # noqa: E402
 from lib.core.training import as_volume  # noqa: E402
 from lib.core.volume import load_volume  # noqa: E402
@@ -69,6 +71,18 @@ def multipart_cases() -> list[LabelledCase]:
     return cases
 
 
+def abdomen_cases() -> list[LabelledCase]:
+    """Every structure of the sample abdomen CT and MR (TotalSegmentator references): large organs, muscles
+    and bowel, several in pieces on a slice; both in the click adapter's training data."""
+    reference = ROOT / "sample-data" / "reference"
+    return [volume_pair(ROOT / "sample-data" / f"{name}.nii.gz", reference / f"{name}.nii.gz",
+                        read_label_names(reference / f"{name}.labels.json"), name, f"structures_{name}")
+            for name in ("abdomen_ct", "abdomen_mr")]
+
+
+CASES = {"selection": selection_cases, "multipart": multipart_cases, "abdomen": abdomen_cases}
+
+
 def set_curves(cases: list[LabelledCase], records) -> dict[str, dict]:
     """Per set (the case's source): sessions, box Dice and the mean Dice after each click."""
     source = {c.case_id: c.source for c in cases}
@@ -94,8 +108,8 @@ def main() -> None:
         metavar="KEY=VALUE",
         help="override a profile [inference] setting (repeatable)",
     )
-    parser.add_argument("--cases", choices=("selection", "multipart"), default="selection",
-                        help="the trainer's selection objects, or objects in several pieces (see above)")
+    parser.add_argument("--cases", choices=tuple(CASES), default="selection",
+                        help="the trainer's selection objects, objects in several pieces, or every abdomen structure")
     parser.add_argument("--clicks", type=int, default=8)
     parser.add_argument("--slices", type=int, default=3, help="slices per structure")
     parser.add_argument("--profile", default="lite_medsam")
@@ -106,7 +120,7 @@ def main() -> None:
         inference = setting_pairs(args.inference)
     except ProfileError as e:
         sys.exit(f"--inference: {e}")
-    cases = selection_cases() if args.cases == "selection" else multipart_cases()
+    cases = CASES[args.cases]()
     if len({c.case_id for c in cases}) != len(cases):
         sys.exit("case ids are not unique across sets")
     settings = EvalSettings(max_clicks=args.clicks, max_slices_per_structure=args.slices, three_d=False, seed=0)

@@ -131,6 +131,7 @@ def test_a_correction_asks_about_the_part_its_wrong_clicks_are_on():
     far = correction_query(left | right, np.array([[20, 12], [50, 30]]), np.zeros((0, 2), int), 1.0, True)
     assert far.apart.tolist() == [False, True] and far.foreground.tolist() == [True, False]
     assert not correction_query(left | right, np.array([[50, 30]]), np.zeros((0, 2), int), 0.0, True).apart.any()
+    assert far.largest_part == left.sum()  # the parts are equal discs
     # nothing left of the previous answer: a foreground click starts a part of its own
     empty = correction_query(np.zeros((64, 64), bool), fg[:1], bg, 1.0, True)
     assert empty.apart.all() and not empty.foreground.any()
@@ -148,8 +149,8 @@ def test_a_correction_that_adds_a_part_elsewhere_keeps_the_previous_answer():
 
 def test_a_click_on_the_second_part_of_an_object_finds_that_part():
     """Both kidneys as one object (abdomen CT of sample-data), the shipped model with part-wise corrections
-    (``part_corrections``, ``new_part_gap = 1``; off by default): a click in the right kidney,
-    then one in the left. The second click is answered as the left kidney's own lone click and added; the
+    (``part_corrections``, ``new_part_gap = 1``; the profile's default since round 23): a click in the
+    right kidney, then one in the left. The second click is answered as the left kidney's own lone click and added; the
     first answer stays. With the options off (both clicks asked together) the model took under half of
     the left kidney: 97 of its 197 pixels on slice 0."""
     from lib.core.annotator import interior_point
@@ -159,8 +160,7 @@ def test_a_click_on_the_second_part_of_an_object_finds_that_part():
 
     image = load_volume(SAMPLE / "abdomen_ct.nii.gz")
     label = load_volume(SAMPLE / "reference" / "abdomen_ct.nii.gz").array
-    parts = {"part_corrections": True, "new_part_gap": 1.0}  # off by default (README, round 22)
-    segmenter = InteractiveSegmenter(load_profile(APP / "configs" / "lite_medsam.toml", parts), device="cpu",
+    segmenter = InteractiveSegmenter(load_profile(APP / "configs" / "lite_medsam.toml"), device="cpu",
                                      embeddings=EmbeddingCache(256))
     for k in (0, 3):
         right, left = label[:, :, k] == 2, label[:, :, k] == 3
@@ -172,6 +172,31 @@ def test_a_click_on_the_second_part_of_an_object_finds_that_part():
                                 three_d=False, state_key=key).label[:, :, k] > 0
         assert two[one].all()
         assert (two & ~one & left).sum() >= 0.6 * left.sum(), k
+
+
+def test_a_new_part_far_larger_than_the_answers_pieces_is_not_added():
+    """The colon of the sample abdomen MR, slice 0 (124 pixels in five pieces of 18-40), with part-wise
+    corrections (the profile's default): the ninth click, outside the answer and apart from its pieces
+    (the largest 61 pixels), was answered alone as 1118 pixels of bowel and fat and added, and later
+    negative clicks could not take it out (Dice 0.56 -> 0.16). A new part's scale is chosen among answers no larger than
+    ``new_part_max_ratio`` (1.5) x the answer's largest piece."""
+    from lib.core.config import load_profile
+    from lib.core.engine import InteractiveSegmenter
+    from lib.core.prompts import parse_prompts
+
+    image = load_volume(SAMPLE / "abdomen_mr.nii.gz")
+    colon = load_volume(SAMPLE / "reference" / "abdomen_mr.nii.gz").array[:, :, 0] == 15
+    # the simulated annotator's clicks of that session (voxel i, j on slice 0), True: foreground
+    clicks = [(81, 28, True), (82, 35, False), (28, 24, True), (32, 24, False), (25, 22, False), (86, 37, False),
+              (37, 18, True), (41, 17, False), (32, 37, True)]
+    segmenter = InteractiveSegmenter(load_profile(APP / "configs" / "lite_medsam.toml"), device="cpu",
+                                     embeddings=EmbeddingCache(256))
+    for n in range(1, len(clicks) + 1):
+        request = {"foreground": [[i, j, 0] for i, j, fg in clicks[:n] if fg],
+                   "background": [[i, j, 0] for i, j, fg in clicks[:n] if not fg]}
+        answer = segmenter.segment(image, parse_prompts(request, image.shape), three_d=False,
+                                   state_key=("annotator", "abdomen_mr", "colon")).label[:, :, 0] > 0
+    assert answer.sum() < 3 * colon.sum(), answer.sum()
 
 
 def test_a_foreground_click_only_adds_and_a_background_click_only_removes():
@@ -268,6 +293,9 @@ def test_the_scale_choice_weighs_click_answers_by_their_margins_and_drops_fragme
     assert pick_scale([(blurry_click, 0.0), (sharp_click, 3.0)], box_answers, boxes, 0.2) == 1
     # no click answer: the best box answer that is not a fragment
     assert pick_scale([], box_answers, boxes, 0.2) == 0
+    # answers over max_area (a disc of radius 10 has 305 pixels, of 6 109) are no candidates; none left: -1
+    assert pick_scale([(blurry_click, 0.0)], box_answers, boxes, 0.2, max_area=200) == 0
+    assert pick_scale([(blurry_click, 0.0)], box_answers, boxes, 0.2, max_area=100) == -1
 
 
 def test_the_predictor_respects_every_click_on_a_real_slice(lite_model, spleen_slice):

@@ -67,6 +67,7 @@ def pick_scale(
     boxes: list[Box],
     max_contact: float,
     pixel_area: float = 1.0,
+    max_area: float = np.inf,
 ) -> int:
     """Which answer to a lone click to keep, as an index into ``clicked`` followed by ``box_logits``.
     ``clicked``: answers to the click itself (logits, margin), e.g. the served adapter's and a lone-click
@@ -74,15 +75,17 @@ def pick_scale(
     noisier. ``box_logits[i]``: the answer to ``boxes[i]``, dropped when it runs into more than
     ``max_contact`` of its box's sides (the box was too small: a fragment), else scored by its stability.
     The highest score wins, the first of equals. ``pixel_area``: slice pixels per pixel of these arrays
-    (the margins are in slice pixels)."""
+    (the margins are in slice pixels); answers over ``max_area`` slice pixels are not candidates (-1: none
+    is)."""
     best, best_score = -1, -np.inf
     for j, (logits, margin) in enumerate(clicked):
-        score = stability(logits) + margin / np.sqrt(max(1.0, (logits > 0).sum() * pixel_area))
-        if score > best_score:
+        area = (logits > 0).sum() * pixel_area
+        score = stability(logits) + margin / np.sqrt(max(1.0, area))
+        if area <= max_area and score > best_score:
             best, best_score = j, score
     for i, box in enumerate(boxes):
         mask = box_logits[i] > 0
-        if not mask.any() or side_contact(mask, box) > max_contact:
+        if not mask.any() or side_contact(mask, box) > max_contact or mask.sum() * pixel_area > max_area:
             continue
         score = stability(box_logits[i])
         if score > best_score:
@@ -159,6 +162,7 @@ class CorrectionQuery:
     background: np.ndarray  # bool per background click: asked
     apart: np.ndarray  # bool per foreground click: a new part, answered alone at its own scale
     other_parts: np.ndarray | None  # the previous answer's parts not asked about (slice mask); None: all
+    largest_part: int = 0  # pixels of the previous answer's largest part (0: not measured)
 
 
 def correction_query(
@@ -195,16 +199,18 @@ def correction_query(
         return parts[near_r[points[:, 0], points[:, 1]], near_c[points[:, 0], points[:, 1]]]
 
     fg_part, bg_part = part_of(fg), part_of(bg)
-    radius = np.sqrt(np.bincount(parts.ravel(), minlength=count + 1) / np.pi)
+    sizes = np.bincount(parts.ravel(), minlength=count + 1)
+    radius = np.sqrt(sizes / np.pi)
     missed = ~previous[fg[:, 0], fg[:, 1]]
     far = distance[fg[:, 0], fg[:, 1]] > np.maximum(2.0, gap * radius[fg_part])
     apart = missed & far if gap > 0 else np.zeros(len(fg), bool)
     held = previous[bg[:, 0], bg[:, 1]]
+    largest = int(sizes[1:].max())
     wrong = set(fg_part[missed & ~apart].tolist()) | set(bg_part[held].tolist())
     if not by_part or count == 1 or len(wrong) != 1:
-        return replace(everything, foreground=~apart, apart=apart)
+        return replace(everything, foreground=~apart, apart=apart, largest_part=largest)
     (part,) = wrong
-    return CorrectionQuery((fg_part == part) & ~apart, bg_part == part, apart, (parts > 0) & (parts != part))
+    return CorrectionQuery((fg_part == part) & ~apart, bg_part == part, apart, (parts > 0) & (parts != part), largest)
 
 
 def respect_clicks(

@@ -139,10 +139,12 @@ class InferenceSettings:
     # a correction asks the model about one object (lib/core/clicks.py correction_query): part_corrections,
     # only the clicks of the previous answer's part (connected component) its wrong clicks are on; a
     # foreground click outside the answer farther from its nearest part than new_part_gap times that part's
-    # equivalent radius starts a new part, answered alone at its own scale and added (0: off). Off by
-    # default (round 22): multi-piece objects gain, held-out pooled 5 clicks 0.841 -> 0.837
+    # equivalent radius starts a new part, answered alone at its own scale and added (0: off), that scale
+    # chosen among answers no larger than new_part_max_ratio times the answer's largest part (0: no limit).
+    # Off here, on in lite_medsam.toml since round 23 (measured with its shipped adapters; README)
     part_corrections: bool = False
     new_part_gap: float = 0.0
+    new_part_max_ratio: float = 1.5
     # box-only requests with the profile's shipped (click) adapters: true uses them, false the bare base
     # model (boxes are what the base model was trained for); adapters from training rounds always serve boxes
     boxes_with_shipped_adapters: bool = False
@@ -279,8 +281,9 @@ def parse_profile(data: dict[str, Any], source: Path | None = None) -> ModelProf
         raise ProfileError(f"{where}: [inference].feature_repair_reach must be above 0 and at most 4")
     if not -2 < inference.feature_repair_margin < 2:
         raise ProfileError(f"{where}: [inference].feature_repair_margin must be between -2 and 2 (a cosine difference)")
-    if not 0 <= inference.new_part_gap <= 100:
-        raise ProfileError(f"{where}: [inference].new_part_gap must be between 0 (off) and 100")
+    for option in ("new_part_gap", "new_part_max_ratio"):
+        if not 0 <= getattr(inference, option) <= 100:
+            raise ProfileError(f"{where}: [inference].{option} must be between 0 (off) and 100")
     for option in ("local_total_share", "local_max_removal"):
         if not 0 <= getattr(inference, option) <= 1:
             raise ProfileError(f"{where}: [inference].{option} must be between 0 and 1")

@@ -217,10 +217,19 @@ class SlicePredictor:
         gap = settings.new_part_gap if settings.lone_click_scales_mm else 0.0
         fg, bg = clicks_rc[labels == 1], clicks_rc[labels == 0]
         query = correction_query(previous, fg, bg, gap, settings.part_corrections, 2 * self._click_radius(frame))
+        # a new part: the click answered alone at its own object's scale, a piece no larger than
+        # new_part_max_ratio x the answer's largest (none: respect_clicks marks the click itself)
+        limit = settings.new_part_max_ratio * query.largest_part or np.inf
+        encode_ms, iou, parts = 0.0, 0.0, []
+        for click in fg[query.apart]:
+            part, _, part_iou, ms = self._lone_click_answer(image, window, spacing, embedding, frame, click,
+                                                            multimask, limit)
+            encode_ms += ms
+            parts.append((part, part_iou))
         asked = np.zeros(len(labels), dtype=bool)  # the clicks the model is asked, in the request's order
         asked[labels == 1], asked[labels == 0] = query.foreground, query.background
         whole = not query.apart.any() and query.other_parts is None
-        mask, low_res, iou, encode_ms = previous, mask_logits, 0.0, 0.0
+        mask, low_res = previous, mask_logits
         if asked.any() or boxes is not None:
             prompt = mask_logits
             if query.other_parts is not None:  # the parts not asked about: background in the prompt
@@ -233,11 +242,8 @@ class SlicePredictor:
                                     settings.local_total_share, max_removal=settings.local_max_removal,
                                     whole_new=whole)
         mask = mask.copy()
-        for click in fg[query.apart]:  # a new part: the click answered alone, at its own object's scale
-            part, _, part_iou, ms = self._lone_click_answer(image, window, spacing, embedding, frame, click,
-                                                            multimask)
+        for part, part_iou in parts:
             mask |= part
-            encode_ms += ms
             iou = iou or part_iou
         # the next round is fed the previous logits where the previous answer was kept
         answer = frame.labels_to_low_res(mask.astype(np.int64), tuple(low_res.shape[-2:])) > 0
@@ -290,9 +296,11 @@ class SlicePredictor:
         frame: LetterboxFrame,
         click_rc: np.ndarray,
         multimask: bool,
+        max_area: float = np.inf,
     ) -> tuple[np.ndarray, Tensor, float, float]:
-        """A foreground click answered alone, at its object's scale (:meth:`_scaled_click`): (mask,
-        low-res logits, IoU, milliseconds spent encoding the base model's embedding for the candidates)."""
+        """A foreground click answered alone, at its object's scale (:meth:`_scaled_click`; no answer over
+        ``max_area`` pixels): (mask, low-res logits, IoU, milliseconds spent encoding the base model's
+        embedding for the candidates)."""
         # built outside inference mode; `on` is the embedding they answer on (its encoding is encoder time)
         start = time.perf_counter()
         bare, lone, on, encoded = self._scale_models(image, window, spacing, embedding)
@@ -303,7 +311,7 @@ class SlicePredictor:
             logits = frame.logits_to_slice(out.low_res_logits)[0, 0].cpu().numpy()
             mask, low_res, iou = self._scaled_click(
                 embedding, on, frame, points, click_rc, spacing, bare, lone,
-                (logits, out.low_res_logits, float(out.iou[0, 0])),
+                (logits, out.low_res_logits, float(out.iou[0, 0])), max_area,
             )
         return mask, low_res, iou, encode_ms
 
@@ -318,6 +326,7 @@ class SlicePredictor:
         bare: LoadedModel | None,
         lone: LoadedModel | None,
         alone: tuple[np.ndarray, Tensor, float],
+        max_area: float = np.inf,
     ) -> tuple[np.ndarray, Tensor, float]:
         """A lone click at its object's scale. Candidates: the click alone (``alone``: slice logits,
         low-res logits, IoU), the lone-click adapters' answer to it when there are some, and the answers
@@ -327,7 +336,8 @@ class SlicePredictor:
         ``base_embedding`` (the same one unless shipped adapters changed the encoder). Answers that run
         into their box's sides (a fragment of something larger) are dropped; the most stable answer
         (:func:`stability`) wins, an answer to the click itself with a margin / sqrt(its area in pixels):
-        a small mask's stability is noisier. Decoder only."""
+        a small mask's stability is noisier. Answers over ``max_area`` pixels are no candidates (none
+        left: an empty mask). Decoder only."""
         settings = self.inference
         shape = alone[0].shape
         clicked = [(alone, settings.lone_click_alone_margin)]  # answers to the click itself, with their margins
@@ -350,7 +360,9 @@ class SlicePredictor:
             )
         logits = frame.logits_to_slice(out.low_res_logits)[:, 0].cpu().numpy()
         i = pick_scale([(answer[0], margin) for answer, margin in clicked], logits, boxes,
-                       settings.lone_click_max_contact)
+                       settings.lone_click_max_contact, max_area=max_area)
+        if i < 0:  # every answer over max_area
+            return np.zeros(shape, dtype=bool), alone[1], 0.0
         if i < len(clicked):
             answer_logits, low_res, iou = clicked[i][0]
             return answer_logits > 0, low_res, iou
