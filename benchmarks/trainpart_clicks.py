@@ -1,6 +1,6 @@
 """Click sessions on training data, the way the server answers them: where click handling is tuned.
 
-    .venv/bin/python benchmarks/trainpart_clicks.py [--cases selection|multipart] [--methods shipped,NAME=PATH]
+    .venv/bin/python benchmarks/trainpart_clicks.py [--cases selection|multipart|abdomen] [--methods shipped,NAME=PATH]
         [--inference KEY=VALUE] [--clicks 8] [--slices 3] [--embedding-store DIR] [--out results.json]
 
 ``--cases selection`` (default): the click trainer's checkpoint-selection objects of ``--data full``
@@ -9,12 +9,11 @@ the train parts; never trained on). ``--cases multipart``: objects in several pi
 click adapter's training data — every MS lesion of ``../shared/data/mr_ms_lesions`` patient26 (the MS train
 part; up to 11 lesions a slice) and both kidneys of the sample abdomen CT as one object. ``--cases
 abdomen``: every structure of the sample abdomen CT and MR (TotalSegmentator references; organs, muscles,
-bowel), also training data. Sessions run
-through the same ``InteractiveSegmenter`` the infer tasks use (simulated annotator: a click at the most
-interior point of the largest error, previous answer fed back; ``--slices`` slices per structure, seed 0).
-Prints each set's Dice after 1..N clicks and the mean of the set means, the numbers the README's "chosen on
-train parts" tables report. The held-out sets (validation parts, BraTS, DeepLesion) are for
-``benchmarks/readme_results.sh``, run once on what this chose.
+bowel), also training data. Sessions run through the same ``InteractiveSegmenter`` the infer tasks use
+(simulated annotator: a click at the most interior point of the largest error, previous answer fed back;
+``--slices`` slices per structure, seed 0). Prints each set's Dice after 1..N clicks and the mean of the set
+means, the numbers the README's "chosen on train parts" tables report. The held-out sets (validation parts,
+BraTS, DeepLesion) are for ``benchmarks/readme_results.sh``, run once on what this chose.
 """
 
 from __future__ import annotations
@@ -38,7 +37,6 @@ from lib.core.config import ProfileError, setting_pairs  # noqa: E402
 from lib.core.datasets import LabelledCase, case_folders, read_label_names, volume_pair  # noqa: E402
 from lib.core.evaluation import EvalSettings, dice_curve, evaluate_cases, records_as_dicts  # noqa: E402
 from lib.core.training import as_volume  # noqa: E402
-from lib.core.volume import load_volume  # noqa: E402
 
 SHARED = ROOT.parent / "shared" / "data"
 
@@ -64,11 +62,10 @@ def multipart_cases() -> list[LabelledCase]:
         cases += [replace(c, names={1: "lesions"}, source="ms_lesions_patient26")
                   for c in case_folders(ms, "flair.nii.gz", "label.nii.gz", "mr_ms_lesions")
                   if c.case_id == "patient26"]
-    image = load_volume(ROOT / "sample-data" / "abdomen_ct.nii.gz")
-    label = load_volume(ROOT / "sample-data" / "reference" / "abdomen_ct.nii.gz")
-    kidneys = replace(label, array=np.isin(label.array, (2, 3)).astype(np.uint8))
-    cases.append(LabelledCase("abdomen_ct", image, kidneys, {1: "kidneys"}, "kidneys_abdomen_ct"))
-    return cases
+    sample = ROOT / "sample-data"
+    ct = volume_pair(sample / "abdomen_ct.nii.gz", sample / "reference" / "abdomen_ct.nii.gz", {1: "kidneys"},
+                     "abdomen_ct", "kidneys_abdomen_ct")
+    return [*cases, replace(ct, label=replace(ct.label, array=np.isin(ct.label.array, (2, 3)).astype(np.uint8)))]
 
 
 def abdomen_cases() -> list[LabelledCase]:

@@ -41,6 +41,18 @@ class LoadedModel:
         return f"v{self.version}" if self.version else ("shipped" if self.shipped else "base")
 
 
+@dataclass(frozen=True)
+class EmbeddedSlice:
+    """A slice as the served model sees it: the image, its window and spacing (a lone click's scale
+    candidates may encode it again for the base model), the served embedding and the letterbox frame."""
+
+    image: np.ndarray
+    window: IntensityWindow
+    spacing: tuple[float, float]
+    embedding: Tensor
+    frame: LetterboxFrame
+
+
 @dataclass
 class SliceResult:
     mask: np.ndarray  # bool (rows, cols) in display orientation
@@ -139,12 +151,11 @@ class SlicePredictor:
         alone = lone_click(points, boxes, mask_logits) and len(fg) == 1
         multimask = mode == "always" or (mode == "auto" and self.model.trained_multimask_single_click)
         scale_ms = 0.0  # encoding the base model's embedding for scale candidates: encoder time
+        embedded = EmbeddedSlice(image, window, spacing, embedding, frame)
         if alone and self.inference.lone_click_scales_mm:
-            mask, low_res, iou, scale_ms = self._lone_click_answer(
-                image, window, spacing, embedding, frame, fg[0], multimask)
+            mask, low_res, iou, scale_ms = self._lone_click_answer(embedded, fg[0], multimask)
         elif n_points and mask_logits is not None and self.inference.local_corrections:
-            mask, low_res, iou, scale_ms = self._correction(
-                image, window, spacing, embedding, frame, rc_np, labels_np, boxes, mask_logits, multimask)
+            mask, low_res, iou, scale_ms = self._correction(embedded, rc_np, labels_np, boxes, mask_logits, multimask)
         else:
             mask, low_res, iou = self._decode(embedding, frame, points, boxes, mask_logits, multimask and alone)
         if n_points:
@@ -195,11 +206,7 @@ class SlicePredictor:
 
     def _correction(
         self,
-        image: np.ndarray,
-        window: IntensityWindow,
-        spacing: tuple[float, float],
-        embedding: Tensor,
-        frame: LetterboxFrame,
+        embedded: EmbeddedSlice,
         clicks_rc: np.ndarray,
         labels: np.ndarray,
         boxes: Tensor | None,
@@ -211,7 +218,7 @@ class SlicePredictor:
         answer changes only where those clicks ask (:func:`local_correction`), and a foreground click apart
         from the answer is answered alone at its own scale and added as a new part. (mask, low-res logits,
         IoU, milliseconds spent encoding the base model's embedding)."""
-        settings = self.inference
+        settings, frame = self.inference, embedded.frame
         with torch.inference_mode():
             previous = (frame.logits_to_slice(mask_logits)[0, 0] > 0).cpu().numpy()
         gap = settings.new_part_gap if settings.lone_click_scales_mm else 0.0
@@ -222,8 +229,7 @@ class SlicePredictor:
         limit = settings.new_part_max_ratio * query.largest_part or np.inf
         encode_ms, iou, parts = 0.0, 0.0, []
         for click in fg[query.apart]:
-            part, _, part_iou, ms = self._lone_click_answer(image, window, spacing, embedding, frame, click,
-                                                            multimask, limit)
+            part, _, part_iou, ms = self._lone_click_answer(embedded, click, multimask, limit)
             encode_ms += ms
             parts.append((part, part_iou))
         asked = np.zeros(len(labels), dtype=bool)  # the clicks the model is asked, in the request's order
@@ -237,7 +243,7 @@ class SlicePredictor:
                 other = torch.as_tensor(other > 0, device=mask_logits.device)
                 prompt = torch.where(other, mask_logits.clamp(max=-max(settings.repair_logit, 1.0)), mask_logits)
             points = self._points(frame, clicks_rc[asked], labels[asked]) if asked.any() else None
-            new, low_res, iou = self._decode(embedding, frame, points, boxes, prompt, False)
+            new, low_res, iou = self._decode(embedded.embedding, frame, points, boxes, prompt, False)
             mask = local_correction(previous, new, fg[query.foreground], bg[query.background],
                                     settings.local_total_share, max_removal=settings.local_max_removal,
                                     whole_new=whole)
@@ -267,9 +273,7 @@ class SlicePredictor:
         change = torch.as_tensor(change, dtype=low_res.dtype, device=low_res.device)
         return torch.where(change != 0, value * change, low_res)
 
-    def _scale_models(
-        self, image: np.ndarray, window: IntensityWindow, spacing: tuple[float, float], embedding: Tensor
-    ) -> tuple[LoadedModel | None, LoadedModel | None, Tensor, bool]:
+    def _scale_models(self, embedded: EmbeddedSlice) -> tuple[LoadedModel | None, LoadedModel | None, Tensor, bool]:
         """The bare model and the lone-click adapters of a lone click's scale choice (None: not there, or
         not on the embedding they would answer on), that embedding (the served one when they share it), and
         whether it was encoded now.
@@ -278,39 +282,32 @@ class SlicePredictor:
         adapters from training rounds answer the click in each box themselves."""
         bare = self.bare() if self.bare is not None else None
         lone = self.lone() if self.lone is not None else None
-        on, fingerprint, encoded = embedding, self.loaded.encoder_fingerprint, False
+        on, fingerprint, encoded = embedded.embedding, self.loaded.encoder_fingerprint, False
         if bare is not None and bare.encoder_fingerprint != fingerprint:
             if not self.loaded.shipped:
-                return None, None, embedding, False
+                return None, None, embedded.embedding, False
             base = SlicePredictor(bare, self.cache, self.preprocessing, self.inference, self.device)
-            on, _, cached, _ = base.embed(image, window, spacing)
+            on, _, cached, _ = base.embed(embedded.image, embedded.window, embedded.spacing)
             fingerprint, encoded = bare.encoder_fingerprint, not cached
         return bare, lone if lone is not None and lone.encoder_fingerprint == fingerprint else None, on, encoded
 
     def _lone_click_answer(
-        self,
-        image: np.ndarray,
-        window: IntensityWindow,
-        spacing: tuple[float, float],
-        embedding: Tensor,
-        frame: LetterboxFrame,
-        click_rc: np.ndarray,
-        multimask: bool,
-        max_area: float = np.inf,
+        self, embedded: EmbeddedSlice, click_rc: np.ndarray, multimask: bool, max_area: float = np.inf
     ) -> tuple[np.ndarray, Tensor, float, float]:
         """A foreground click answered alone, at its object's scale (:meth:`_scaled_click`; no answer over
         ``max_area`` pixels): (mask, low-res logits, IoU, milliseconds spent encoding the base model's
         embedding for the candidates)."""
         # built outside inference mode; `on` is the embedding they answer on (its encoding is encoder time)
         start = time.perf_counter()
-        bare, lone, on, encoded = self._scale_models(image, window, spacing, embedding)
+        bare, lone, on, encoded = self._scale_models(embedded)
         encode_ms = (time.perf_counter() - start) * 1e3 if encoded else 0.0
+        embedding, frame = embedded.embedding, embedded.frame
         points = self._points(frame, np.asarray(click_rc).reshape(1, 2), np.ones(1))
         with torch.inference_mode():
             out = self.loaded.decoder()(embedding, points=points, multimask=multimask).kept()
             logits = frame.logits_to_slice(out.low_res_logits)[0, 0].cpu().numpy()
             mask, low_res, iou = self._scaled_click(
-                embedding, on, frame, points, click_rc, spacing, bare, lone,
+                embedding, on, frame, points, click_rc, embedded.spacing, bare, lone,
                 (logits, out.low_res_logits, float(out.iou[0, 0])), max_area,
             )
         return mask, low_res, iou, encode_ms
