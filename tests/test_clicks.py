@@ -6,7 +6,7 @@ from dataclasses import replace
 
 import numpy as np
 
-from conftest import APP, SAMPLE
+from conftest import APP, SAMPLE, shared
 from lib.core.cache import EmbeddingCache
 from lib.core.clicks import (
     boxes_at_scales,
@@ -16,6 +16,7 @@ from lib.core.clicks import (
     respect_clicks,
     side_contact,
     stability,
+    undecided_near_wrong_clicks,
 )
 from lib.core.config import InferenceSettings, PreprocessSettings
 from lib.core.predictor import LoadedModel, SlicePredictor
@@ -197,6 +198,50 @@ def test_a_new_part_far_larger_than_the_answers_pieces_is_not_added():
         answer = segmenter.segment(image, parse_prompts(request, image.shape), three_d=False,
                                    state_key=("annotator", "abdomen_mr", "colon")).label[:, :, 0] > 0
     assert answer.sum() < 3 * colon.sum(), answer.sum()
+
+
+def test_the_prompt_is_undecided_only_near_the_clicks_the_previous_answer_got_wrong():
+    """A correction's mask prompt is released (0) in a disc of ``release`` x the answer's equivalent radius
+    around each wrong click, nowhere near the clicks the answer already has right, and nowhere when off."""
+    previous = disc((80, 80), 40, 30, 10)  # equivalent radius about 10
+    clicks = np.array([[40, 30], [40, 55], [40, 36], [10, 10]])  # fg right, fg missed, bg inside, bg right
+    labels = np.array([1, 1, 0, 0])
+    near = undecided_near_wrong_clicks(previous, clicks, labels, 0.5)
+    radius = 0.5 * np.sqrt(previous.sum() / np.pi)
+    assert near[40, 55] and near[40, 36] and not near[40, 30] and not near[10, 10]
+    assert near.sum() <= 2 * np.pi * (radius + 1) ** 2
+    assert near[40, int(55 + radius) - 1] and not near[40, int(55 + radius) + 1]
+    assert not undecided_near_wrong_clicks(previous, clicks, labels, 0.0).any()
+    assert not undecided_near_wrong_clicks(previous, clicks[[0, 3]], labels[[0, 3]], 0.5).any()
+
+
+def test_undecided_prompts_near_wrong_clicks_make_hippocampus_sessions_better():
+    """Simulated annotator sessions (5 clicks, 3 slices per structure) on four hippocampus MR cases the click
+    adapter never trained on (its checkpoint-selection cases): with the profile's
+    ``correction_prompt_release`` (0.5) the mean Dice after 5 clicks is above the same sessions with the
+    previous logits fed back everywhere (measured 0.797 -> 0.808)."""
+    from lib.core.config import load_profile
+    from lib.core.datasets import volume_pair
+    from lib.core.engine import InteractiveSegmenter
+    from lib.core.eval_backends import InProcessBackend
+    from lib.core.evaluation import EvalSettings, dice_curve, evaluate_cases
+
+    root = shared("mr_hippocampus_msd")
+    cases = [volume_pair(root / name / "image.nii.gz", root / name / "label.nii.gz", {}, name, "hippocampus")
+             for name in ("train_hippocampus_084", "train_hippocampus_286", "train_hippocampus_219",
+                          "train_hippocampus_217")]
+    profile = load_profile(APP / "configs" / "lite_medsam.toml")
+    assert profile.inference.correction_prompt_release == 0.5
+    settings = EvalSettings(max_clicks=5, max_slices_per_structure=3, three_d=False, seed=0)
+    cache = EmbeddingCache(256)
+    after = {}
+    for release in (0.0, 0.5):
+        segmenter = InteractiveSegmenter(
+            replace(profile, inference=replace(profile.inference, correction_prompt_release=release)),
+            device="cpu", embeddings=cache)
+        records, _ = evaluate_cases(InProcessBackend(segmenter), cases, settings)
+        after[release] = dice_curve(records)[-1]
+    assert after[0.5] > after[0.0] + 0.003, after
 
 
 def test_a_foreground_click_only_adds_and_a_background_click_only_removes():

@@ -145,6 +145,11 @@ class InferenceSettings:
     part_corrections: bool = False
     new_part_gap: float = 0.0
     new_part_max_ratio: float = 1.5
+    # a correction's mask prompt (the previous logits) is set to 0, undecided, within this many times the
+    # previous answer's equivalent radius of each click the previous answer has on the wrong side, so the
+    # model may move the answer there instead of holding to it (lib/core/clicks.py undecided_near_wrong_clicks;
+    # 0: off). Off here, 0.5 in lite_medsam.toml since round 24 (measured with its shipped adapters; README)
+    correction_prompt_release: float = 0.0
     # box-only requests with the profile's shipped (click) adapters: true uses them, false the bare base
     # model (boxes are what the base model was trained for); adapters from training rounds always serve boxes
     boxes_with_shipped_adapters: bool = False

@@ -12,7 +12,14 @@ from torch import Tensor
 
 from .cache import EmbeddingCache, content_key
 from .click_features import TokenSimilarity, repair_with_features
-from .clicks import boxes_at_scales, correction_query, local_correction, pick_scale, respect_clicks
+from .clicks import (
+    boxes_at_scales,
+    correction_query,
+    local_correction,
+    pick_scale,
+    respect_clicks,
+    undecided_near_wrong_clicks,
+)
 from .config import InferenceSettings, PreprocessSettings
 from .model import AdaptedSam, Decoded, lone_click
 from .preprocess import IntensityWindow, LetterboxFrame, model_input
@@ -242,6 +249,12 @@ class SlicePredictor:
                 other = frame.labels_to_low_res(query.other_parts.astype(np.int64), tuple(mask_logits.shape[-2:]))
                 other = torch.as_tensor(other > 0, device=mask_logits.device)
                 prompt = torch.where(other, mask_logits.clamp(max=-max(settings.repair_logit, 1.0)), mask_logits)
+            # near the clicks it got wrong the previous answer is no longer insisted on
+            near = undecided_near_wrong_clicks(previous, clicks_rc[asked], labels[asked],
+                                               settings.correction_prompt_release)
+            if near.any():
+                near = frame.labels_to_low_res(near.astype(np.int64), tuple(prompt.shape[-2:])) > 0
+                prompt = torch.where(torch.as_tensor(near, device=prompt.device), torch.zeros_like(prompt), prompt)
             points = self._points(frame, clicks_rc[asked], labels[asked]) if asked.any() else None
             new, low_res, iou = self._decode(embedded.embedding, frame, points, boxes, prompt, False)
             mask = local_correction(previous, new, fg[query.foreground], bg[query.background],
