@@ -286,7 +286,7 @@ def parse_profile(data: dict[str, Any], source: Path | None = None) -> ModelProf
         raise ProfileError(f"{where}: [inference].feature_repair_reach must be above 0 and at most 4")
     if not -2 < inference.feature_repair_margin < 2:
         raise ProfileError(f"{where}: [inference].feature_repair_margin must be between -2 and 2 (a cosine difference)")
-    for option in ("new_part_gap", "new_part_max_ratio"):
+    for option in ("new_part_gap", "new_part_max_ratio", "correction_prompt_release"):
         if not 0 <= getattr(inference, option) <= 100:
             raise ProfileError(f"{where}: [inference].{option} must be between 0 (off) and 100")
     for option in ("local_total_share", "local_max_removal"):

@@ -60,6 +60,12 @@ class EmbeddedSlice:
     frame: LetterboxFrame
 
 
+def on_low_res(frame: LetterboxFrame, mask: np.ndarray, like: Tensor) -> Tensor:
+    """A slice mask (rows, cols) as a bool tensor on the low-res grid and device of ``like`` (.., h, w)."""
+    low = frame.labels_to_low_res(mask.astype(np.int64), tuple(like.shape[-2:])) > 0
+    return torch.as_tensor(low, device=like.device)
+
+
 @dataclass
 class SliceResult:
     mask: np.ndarray  # bool (rows, cols) in display orientation
@@ -246,15 +252,13 @@ class SlicePredictor:
         if asked.any() or boxes is not None:
             prompt = mask_logits
             if query.other_parts is not None:  # the parts not asked about: background in the prompt
-                other = frame.labels_to_low_res(query.other_parts.astype(np.int64), tuple(mask_logits.shape[-2:]))
-                other = torch.as_tensor(other > 0, device=mask_logits.device)
-                prompt = torch.where(other, mask_logits.clamp(max=-max(settings.repair_logit, 1.0)), mask_logits)
+                prompt = torch.where(on_low_res(frame, query.other_parts, mask_logits),
+                                     mask_logits.clamp(max=-max(settings.repair_logit, 1.0)), mask_logits)
             # near the clicks it got wrong the previous answer is no longer insisted on
             near = undecided_near_wrong_clicks(previous, clicks_rc[asked], labels[asked],
                                                settings.correction_prompt_release)
             if near.any():
-                near = frame.labels_to_low_res(near.astype(np.int64), tuple(prompt.shape[-2:])) > 0
-                prompt = torch.where(torch.as_tensor(near, device=prompt.device), torch.zeros_like(prompt), prompt)
+                prompt = torch.where(on_low_res(frame, near, prompt), torch.zeros_like(prompt), prompt)
             points = self._points(frame, clicks_rc[asked], labels[asked]) if asked.any() else None
             new, low_res, iou = self._decode(embedded.embedding, frame, points, boxes, prompt, False)
             mask = local_correction(previous, new, fg[query.foreground], bg[query.background],
@@ -265,8 +269,7 @@ class SlicePredictor:
             mask |= part
             iou = iou or part_iou
         # the next round is fed the previous logits where the previous answer was kept
-        answer = frame.labels_to_low_res(mask.astype(np.int64), tuple(low_res.shape[-2:])) > 0
-        differs = torch.as_tensor(answer != (low_res[0, 0] > 0).cpu().numpy(), device=low_res.device)
+        differs = on_low_res(frame, mask, low_res) != (low_res[0, 0] > 0)
         return mask, torch.where(differs, mask_logits.to(low_res.dtype), low_res), iou, encode_ms
 
     def _fed_back(self, frame: LetterboxFrame, low_res: Tensor, shown: np.ndarray) -> Tensor:
