@@ -13,7 +13,8 @@ Prints medians over repeats, all measured in this one process so ratios are comp
   against OTHER adapters (interleaved; adapters that change the encoder also need the base model's
   embedding for a lone click's scale candidates),
 - the decoder runtimes (lib/serving/decoder_runtime.py) on cached slices of the shipped abdomen CT: torch
-  vs the OpenVINO graph for a lone click (its scale candidates included) and a correction click, with the
+  vs the OpenVINO graph for a lone click (its scale candidates included), a correction click on the same
+  organ and a foreground click on another organ (a new part, answered alone at its own scale), with the
   masks' Dice against torch's (``--decoder-only`` prints just these).
 """
 
@@ -126,14 +127,21 @@ def decoder_runtimes(repeats: int, other: dict | None = None) -> dict[str, float
     label = load_volume(ROOT / "sample-data" / "reference" / "abdomen_ct.nii.gz")
     view = SliceView.from_affine(image.affine, 2)
     window = choose_window(image.array, profile.preprocessing)
-    times: dict[str, list[float]] = {f"{r}_{p}": [] for r in runtimes for p in ("lone_click", "correction_click")}
+    prompts = ("lone_click", "correction_click", "new_part_click")
+    times: dict[str, list[float]] = {f"{r}_{p}": [] for r in runtimes for p in prompts}
     agreement = []
     ks = np.nonzero(label.array.any(axis=(0, 1)))[0]
     for k in ks[:: max(1, len(ks) // 4)][:4]:
-        slice_k, gt = view.slice(image.array, int(k)), view.slice(label.array, int(k)) > 0
-        inside = np.argwhere(gt)
+        slice_k, labels_k = view.slice(image.array, int(k)), view.slice(label.array, int(k))
+        organs = [v for v in np.unique(labels_k) if v]
+        inside = np.argwhere(labels_k == organs[0])
         click = inside[len(inside) // 2][None]
-        extra = np.array([inside[len(inside) // 3], [2, 2]])
+        # a correction on the same organ (one more foreground click on it, a background click in a corner),
+        # and, where the slice holds another organ, a foreground click on it: a new part (round 23), answered
+        # alone at its own scale
+        same = np.array([inside[len(inside) // 3], [2, 2]])
+        elsewhere = np.argwhere(labels_k == organs[-1])
+        apart = elsewhere[len(elsewhere) // 2][None] if len(organs) > 1 else None
         for r in runtimes.values():  # embeddings cached
             r.predict(slice_k, window, view.spacing, click, np.array([1]))
         for _ in range(repeats):
@@ -143,16 +151,21 @@ def decoder_runtimes(repeats: int, other: dict | None = None) -> dict[str, float
                 first = r.predict(slice_k, window, view.spacing, click, np.array([1]))
                 times[f"{name}_lone_click"].append((time.perf_counter() - start) * 1e3)
                 start = time.perf_counter()
-                second = r.predict(slice_k, window, view.spacing, np.concatenate([click, extra]), np.array([1, 1, 0]),
+                second = r.predict(slice_k, window, view.spacing, np.concatenate([click, same]), np.array([1, 1, 0]),
                                    None, first.low_res_logits)
                 times[f"{name}_correction_click"].append((time.perf_counter() - start) * 1e3)
                 masks[name] = (first.mask, second.mask)
+                if apart is not None:
+                    start = time.perf_counter()
+                    r.predict(slice_k, window, view.spacing, np.concatenate([click, apart]), np.array([1, 1]), None,
+                              first.low_res_logits)
+                    times[f"{name}_new_part_click"].append((time.perf_counter() - start) * 1e3)
             for a, b in zip(masks["torch"], masks["openvino_fp32"], strict=True):
                 agreement.append(1.0 if not (a.any() or b.any()) else 2 * (a & b).sum() / (a.sum() + b.sum()))
-    out: dict[str, float] = {k: statistics.median(v) for k, v in times.items()}
+    out: dict[str, float] = {k: statistics.median(v) for k, v in times.items() if v}
     if other:
         out["other_inference"] = other
-    for prompt in ("lone_click", "correction_click"):
+    for prompt in (p for p in prompts if f"torch_{p}" in out):
         out[f"{prompt}_torch_over_openvino_ratio"] = round(
             out[f"torch_{prompt}"] / out[f"openvino_fp32_{prompt}"], 2)
     out["mask_dice_vs_torch_mean"] = round(float(np.mean(agreement)), 4)
