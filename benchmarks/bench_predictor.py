@@ -92,10 +92,12 @@ def click_cost(slice_k, window, spacing, inside, device, repeats: int) -> dict[s
 
 def decoder_runtimes(repeats: int, other: dict | None = None) -> dict[str, float]:
     """Median ms of a lone click and of a correction click on a cached slice through SlicePredictor, the
-    shipped click adapter's decoder run by torch and by OpenVINO (interleaved), and mask agreement.
+    shipped click adapter's decoder run by torch, by OpenVINO fp32 and, where the CPU computes bf16 natively,
+    by OpenVINO bf16 (interleaved), and mask agreement (OpenVINO fp32 and bf16 against torch).
     ``other``: also OpenVINO with these [inference] settings instead of the profile's (``openvino_other``),
     e.g. other lone-click scales or ``repair_logit = 0``."""
     from lib.serving.decoder_runtime import RuntimeDecoder
+    from lib.serving.runtimes import cpu_has_native_bf16
 
     profile = load_profile(PROFILE)
     other_inference = load_profile(PROFILE, other).inference if other else None  # validated before any build
@@ -107,7 +109,7 @@ def decoder_runtimes(repeats: int, other: dict | None = None) -> dict[str, float
         lone = AdaptedSam.from_profile(profile)
         AdapterCheckpoint.load(profile.lone_click_checkpoint).apply_to(lone)
     runtimes = {}
-    for name in ("torch", "openvino_fp32"):
+    for name in ("torch", "openvino_fp32", "openvino_bf16")[: 3 if cpu_has_native_bf16() else 2]:
         decoders = {m: RuntimeDecoder(m, name) for m in (served, bare, lone) if m is not None}
         used = {d.prepare() for d in decoders.values()}
         if used != {name}:
@@ -129,7 +131,7 @@ def decoder_runtimes(repeats: int, other: dict | None = None) -> dict[str, float
     window = choose_window(image.array, profile.preprocessing)
     prompts = ("lone_click", "correction_click", "new_part_click")
     times: dict[str, list[float]] = {f"{r}_{p}": [] for r in runtimes for p in prompts}
-    agreement = []
+    agreement: dict[str, list[float]] = {name: [] for name in runtimes if name.startswith("openvino_")}
     ks = np.nonzero(label.array.any(axis=(0, 1)))[0]
     for k in ks[:: max(1, len(ks) // 4)][:4]:
         slice_k, labels_k = view.slice(image.array, int(k)), view.slice(label.array, int(k))
@@ -160,16 +162,22 @@ def decoder_runtimes(repeats: int, other: dict | None = None) -> dict[str, float
                     r.predict(slice_k, window, view.spacing, np.concatenate([click, apart]), np.array([1, 1]), None,
                               first.low_res_logits)
                     times[f"{name}_new_part_click"].append((time.perf_counter() - start) * 1e3)
-            for a, b in zip(masks["torch"], masks["openvino_fp32"], strict=True):
-                agreement.append(1.0 if not (a.any() or b.any()) else 2 * (a & b).sum() / (a.sum() + b.sum()))
+            for name, values in agreement.items():
+                for a, b in zip(masks["torch"], masks[name], strict=True):
+                    values.append(1.0 if not (a.any() or b.any()) else 2 * (a & b).sum() / (a.sum() + b.sum()))
     out: dict[str, float] = {k: statistics.median(v) for k, v in times.items() if v}
     if other:
         out["other_inference"] = other
     for prompt in (p for p in prompts if f"torch_{p}" in out):
         out[f"{prompt}_torch_over_openvino_ratio"] = round(
             out[f"torch_{prompt}"] / out[f"openvino_fp32_{prompt}"], 2)
-    out["mask_dice_vs_torch_mean"] = round(float(np.mean(agreement)), 4)
-    out["mask_dice_vs_torch_min"] = round(float(np.min(agreement)), 4)
+        if f"openvino_bf16_{prompt}" in out:
+            out[f"{prompt}_fp32_over_bf16_ratio"] = round(
+                out[f"openvino_fp32_{prompt}"] / out[f"openvino_bf16_{prompt}"], 2)
+    for name, values in agreement.items():
+        tag = "" if name == "openvino_fp32" else f"{name}_"
+        out[f"{tag}mask_dice_vs_torch_mean"] = round(float(np.mean(values)), 4)
+        out[f"{tag}mask_dice_vs_torch_min"] = round(float(np.min(values)), 4)
     return {f"decoder_{k}": v for k, v in out.items()}
 
 

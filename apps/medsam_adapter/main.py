@@ -9,8 +9,9 @@ Options (``--conf KEY VALUE``):
                        openvino_mixed: overrides the profiles' [inference] encoder_runtime (auto on a CPU
                        with native bf16: the faster of openvino_fp32 and openvino_mixed measured there;
                        lib/serving/runtimes.py)
-  decoder_runtime      auto (default) | torch | openvino_fp32: overrides [inference] decoder_runtime
-                       (lib/serving/decoder_runtime.py)
+  decoder_runtime      auto (default) | torch | openvino_fp32 | openvino_bf16: overrides [inference]
+                       decoder_runtime (lib/serving/decoder_runtime.py; bf16: ~1.5x faster clicks where
+                       the CPU has native bf16, opt-in: it can change a lone click's scale choice)
   warm_up              true (default) | false: build the served and bare models and their encoder and
                        decoder runtimes in the background at startup (else at the first prompts)
   shipped_adapters     true (default) | false: start from the adapters shipped with a profile (the

@@ -21,8 +21,9 @@ INTENSITY_MODES = ("auto", "ct", "percentile", "minmax")
 # image-encoder runtimes (lib/serving/runtimes.py); auto: on a CPU with OpenVINO, openvino_fp32 or, where bf16
 # is native, the faster of it and openvino_mixed measured there; torch_fp16 on CUDA
 ENCODER_RUNTIMES = ("auto", "torch", "torch_bf16", "torch_fp16", "openvino_fp32", "openvino_bf16", "openvino_mixed")
-# mask-decoder runtimes (lib/serving/decoder_runtime.py); auto: OpenVINO fp32 on a CPU where installed
-DECODER_RUNTIMES = ("auto", "torch", "openvino_fp32")
+# mask-decoder runtimes (lib/serving/decoder_runtime.py); auto: OpenVINO fp32 on a CPU where installed;
+# openvino_bf16: bf16 where the CPU computes it natively (fp32 elsewhere)
+DECODER_RUNTIMES = ("auto", "torch", "openvino_fp32", "openvino_bf16")
 # adapter designs (lib/core/adapters.py): msa = Medical SAM Adapter (default), samus = SAMUS's encoder parts,
 # depth = 3DSAM-adapter style (each slice encoded with its neighbours, lib/core/depth.py)
 ADAPTER_DESIGNS = ("msa", "samus", "depth")
