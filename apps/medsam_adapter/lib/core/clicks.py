@@ -111,9 +111,10 @@ def local_correction(
     answer as it is. Without such a click, the new answer. Either way, what earlier clicks settled stays:
     a changed region that would take out a foreground click, or take in a background click, that the
     previous answer had right keeps the previous answer there, and so does a region removed at a
-    background click that holds more than ``max_removal`` of the previous answer (a negative click on a
-    leak must not remove the object the positive clicks are on; :func:`respect_clicks` then cuts the leak
-    around the click). ``whole_new`` False: the new answer is never taken whole (it also answered clicks
+    background click (holding it or within ``reach`` of it: the new answer may keep the clicked pixel and
+    remove the object around it) that holds more than ``max_removal`` of the previous answer (a negative
+    click on a leak must not remove the object the positive clicks are on; :func:`respect_clicks` then
+    cuts the leak around the click). ``whole_new`` False: the new answer is never taken whole (it also answered clicks
     that are handled elsewhere, :func:`correction_query`'s new parts); without a click it changes, the
     previous answer."""
     fg = [tuple(p) for p in np.asarray(foreground_rc).reshape(-1, 2)]
@@ -128,10 +129,16 @@ def local_correction(
     settled.discard(0)
     area = max(1, int(previous.sum()))
     sizes = np.bincount(regions.ravel(), minlength=count + 1)
-    for p in bg:  # a negative click that would take most of the answer with it
-        i = int(regions[p])
-        if i and previous[p] and sizes[i] > max_removal * area:
-            settled.add(i)
+
+    def near(point: tuple[int, int], low: int, high: int) -> set[int]:
+        """The regions labelled ``low`` .. ``high`` within ``reach`` pixels of ``point``."""
+        r, c = point
+        window = regions[max(0, r - reach) : r + reach + 1, max(0, c - reach) : c + reach + 1]
+        return {int(v) for v in np.unique(window) if low <= v <= high}
+
+    for p in bg:  # a negative click that would take most of the answer with it (also when the new answer
+        if previous[p]:  # keeps the clicked pixel itself and removes the object around it)
+            settled.update(i for i in near(p, n_added + 1, count) if sizes[i] > max_removal * area)
     if settled:  # changes that undo a settled click: the previous answer there
         undo = np.isin(regions, list(settled))
         new = np.where(undo, previous, new)
@@ -141,9 +148,8 @@ def local_correction(
     if not wrong:
         return new if whole_new else previous.copy()
     touched: set[int] = set()
-    for (r, c), low, high in wrong:  # additions near a missed foreground click, removals near a held background one
-        window = regions[max(0, r - reach) : r + reach + 1, max(0, c - reach) : c + reach + 1]
-        touched.update(int(v) for v in np.unique(window) if low <= v <= high)
+    for p, low, high in wrong:  # additions near a missed foreground click, removals near a held background one
+        touched.update(near(p, low, high))
     others = [i for i in range(1, count + 1) if i not in touched]
     if whole_new and sum(int(sizes[i]) for i in others) <= total_share * area:
         return new

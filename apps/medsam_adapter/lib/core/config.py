@@ -133,9 +133,9 @@ class InferenceSettings:
     # changes together are at most local_total_share of the previous answer's area (a refinement)
     local_corrections: bool = True
     local_total_share: float = 0.0
-    # ... and never takes a removal, at a background click, of more than this share of the previous answer
-    # (the previous answer stays there; respect_clicks cuts around the click): a negative click on a leak
-    # must not take a large part of the object with it
+    # ... and never takes a removal at a background click (holding it or touching it, round 25) of more than
+    # this share of the previous answer (the previous answer stays there; respect_clicks cuts around the
+    # click): a negative click on a leak must not take a large part of the object with it
     local_max_removal: float = 0.25
     # a correction asks the model about one object (lib/core/clicks.py correction_query): part_corrections,
     # only the clicks of the previous answer's part (connected component) its wrong clicks are on; a
