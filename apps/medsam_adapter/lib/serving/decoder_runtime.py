@@ -171,6 +171,8 @@ class RuntimeDecoder:
         self.failure: str | None = None
         self.build_s: float | None = None
         self._image_pe: Tensor | None = None  # the prompt encoder's dense positional encoding (constant)
+        # the graph's inference precision: bf16 for openvino_bf16 on a CPU with native bf16, else f32
+        self.precision = "bf16" if runtime == "openvino_bf16" and cpu_has_native_bf16() else "f32"
 
     @property
     def wanted(self) -> bool:
@@ -178,11 +180,6 @@ class RuntimeDecoder:
         if self.runtime == "torch" or self.model.device.type != "cpu":
             return False
         return self.runtime.startswith("openvino_") or openvino_version() is not None
-
-    @property
-    def precision(self) -> str:
-        """The graph's inference precision: bf16 for ``openvino_bf16`` on a CPU with native bf16, else f32."""
-        return "bf16" if self.runtime == "openvino_bf16" and cpu_has_native_bf16() else "f32"
 
     @property
     def name(self) -> str:
