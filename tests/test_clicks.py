@@ -11,6 +11,7 @@ from lib.core.cache import EmbeddingCache
 from lib.core.clicks import (
     boxes_at_scales,
     correction_query,
+    deep_negative,
     local_correction,
     pick_scale,
     respect_clicks,
@@ -358,6 +359,26 @@ def test_the_scale_choice_weighs_click_answers_by_their_margins_and_drops_fragme
     # answers over max_area (a disc of radius 10 has 305 pixels, of 6 109) are no candidates; none left: -1
     assert pick_scale([(blurry_click, 0.0)], box_answers, boxes, 0.2, max_area=200) == 0
     assert pick_scale([(blurry_click, 0.0)], box_answers, boxes, 0.2, max_area=100) == -1
+    # answers that get a click wrong are no candidates: a background click on the radius-10 disc leaves the
+    # radius-6 click answer, and a foreground click outside every answer leaves none
+    inside, outside = np.array([[32, 32]]), np.array([[32, 40]])
+    none = np.zeros((0, 2), dtype=np.int64)
+    assert pick_scale([], box_answers, boxes, 0.2, honour=(inside, outside)) == -1
+    assert pick_scale([(blurry_click, 0.0)], box_answers, boxes, 0.2, honour=(inside, outside)) == 0
+    assert pick_scale([(sharp_click, 0.0)], box_answers, boxes, 0.2, honour=(np.array([[2, 2]]), none)) == -1
+
+
+def test_a_negative_click_deep_inside_the_answer_questions_its_scale():
+    """A background click deep inside an answer that holds the foreground click says the answer is the
+    wrong object or scale; one near its edge is on a leak, and one with the foreground click missed is a
+    correction of another kind."""
+    answer = disc((80, 80), 40, 40, 20)
+    fg = np.array([[40, 40]])
+    assert deep_negative(answer, fg, np.array([[40, 50]]), 0.35)  # 10 px deep, radius 20
+    assert not deep_negative(answer, fg, np.array([[40, 57]]), 0.35)  # 3 px deep: a leak
+    assert not deep_negative(answer, fg, np.array([[40, 70]]), 0.35)  # outside the answer
+    assert not deep_negative(answer, np.array([[5, 5]]), np.array([[40, 50]]), 0.35)
+    assert not deep_negative(answer, fg, np.array([[40, 50]]), 0.0)  # 0: off
 
 
 def test_the_predictor_respects_every_click_on_a_real_slice(lite_model, spleen_slice):
@@ -426,3 +447,41 @@ def test_a_lone_click_on_a_large_organ_is_answered_at_the_organs_scale():
             scores[name].append(dice(out.label[:, :, k] > 0, gt))
     assert all(g >= a for g, a in zip(scores["grown"], scores["alone"], strict=True)), scores
     assert np.mean(scores["grown"]) >= np.mean(scores["alone"]) + 0.25, scores
+
+
+def test_a_deep_negative_click_on_an_answer_far_too_large_chooses_the_scale_again():
+    """The spleen CT of sample-data, slice 3 (350 pixels): with the bf16 decoder the lone click's near-tied
+    scale choice took the bare model's 4 800-pixel answer to the 80 mm box around the click, the negative
+    click deep inside it only cut a hole there, and ten clicks reached Dice 0.39 (0.89 from the fp32
+    decoder's first answer). Given that first correction, the shipped model with ``scale_recheck_depth =
+    0.35`` (round 26, opt-in) chooses the click's scale again among the answers that honour both clicks."""
+    from lib.core.annotator import dice, interior_point
+    from lib.core.config import load_profile
+    from lib.core.engine import InteractiveSegmenter
+    from lib.core.orientation import SliceView
+
+    image = load_volume(SAMPLE / "spleen_ct.nii.gz")
+    label = load_volume(SAMPLE / "reference" / "spleen_ct.nii.gz")
+    view = SliceView.from_affine(image.affine, 2)
+    pixels, gt = view.slice(image.array, 3), view.slice(label.array, 3) > 0
+    profile = load_profile(APP / "configs" / "lite_medsam.toml")
+    cache = EmbeddingCache(256)
+    fg = np.array([interior_point(gt)])
+    answers = {}
+    for depth in (0.35, 0.0):
+        inference = replace(profile.inference, scale_recheck_depth=depth)
+        segmenter = InteractiveSegmenter(replace(profile, inference=inference), device="cpu", embeddings=cache)
+        window = segmenter.window(image)
+        box = boxes_at_scales(tuple(fg[0]), view.spacing, gt.shape, (80.0,))[0]
+        too_large = segmenter.predictor(segmenter.bare_model()).predict(pixels, window, view.spacing, box_rc=box)
+        assert too_large.mask.sum() > 10 * gt.sum() and too_large.mask[tuple(fg[0])]
+        bg = np.array([interior_point(too_large.mask & ~gt)])  # the annotator's negative click
+        result = segmenter.predictor(segmenter.current()).predict(
+            pixels, window, view.spacing, np.concatenate([fg, bg]), np.array([1, 0]),
+            mask_logits=too_large.low_res_logits,
+        )
+        assert result.mask[tuple(fg[0])] and not result.mask[tuple(bg[0])]
+        answers[depth] = (result.mask, too_large.mask)
+    (rechecked, too_large), (kept, _) = answers[0.35], answers[0.0]
+    assert kept.sum() > 0.7 * too_large.sum() and dice(kept, gt) < 0.3  # a hole cut around the click
+    assert rechecked.sum() < 0.3 * too_large.sum() and dice(rechecked, gt) > 0.6

@@ -171,6 +171,7 @@ def test_shipped_profiles_parse(tmp_path):
         ('name = "x"\nbackbone = "tiny"\n[inference]\nfeature_repair_reach = 0', "feature_repair_reach"),
         ('name = "x"\nbackbone = "tiny"\n[inference]\nfeature_repair_margin = 3', "feature_repair_margin"),
         ('name = "x"\nbackbone = "tiny"\n[inference]\ncorrection_prompt_release = -1', "correction_prompt_release"),
+        ('name = "x"\nbackbone = "tiny"\n[inference]\nscale_recheck_depth = 2', "scale_recheck_depth"),
         ("name = [", "TOML"),
     ],
 )

@@ -5,7 +5,9 @@
   most stable answer (:func:`stability`) among those that do not run into their box's sides
   (:func:`side_contact`: the box was too small, the answer a fragment).
 - A correction click changes the answer where it was wrong and the way it asks (a foreground click adds,
-  a background click removes), not elsewhere (:func:`local_correction`).
+  a background click removes), not elsewhere (:func:`local_correction`). A first correction that is a
+  negative click deep inside the lone click's answer (:func:`deep_negative`) says the scale was wrong: the
+  scale is chosen again among the answers that get both clicks right.
 - Every answer respects the clicks: each foreground click lies inside the returned mask and each
   background click outside it (:func:`respect_clicks`). The repair is local, so objects that really
   have several parts keep them.
@@ -68,6 +70,7 @@ def pick_scale(
     max_contact: float,
     pixel_area: float = 1.0,
     max_area: float = np.inf,
+    honour: tuple[np.ndarray, np.ndarray] | None = None,
 ) -> int:
     """Which answer to a lone click to keep, as an index into ``clicked`` followed by ``box_logits``.
     ``clicked``: answers to the click itself (logits, margin), e.g. the served adapter's and a lone-click
@@ -75,22 +78,47 @@ def pick_scale(
     noisier. ``box_logits[i]``: the answer to ``boxes[i]``, dropped when it runs into more than
     ``max_contact`` of its box's sides (the box was too small: a fragment), else scored by its stability.
     The highest score wins, the first of equals. ``pixel_area``: slice pixels per pixel of these arrays
-    (the margins are in slice pixels); answers over ``max_area`` slice pixels are not candidates (-1: none
-    is)."""
+    (the margins are in slice pixels); answers over ``max_area`` slice pixels are not candidates, nor are
+    answers that get one of the clicks in ``honour`` wrong ((foreground, background) (N, 2) row, col: inside,
+    outside) (-1: none is)."""
     best, best_score = -1, -np.inf
+
+    def wrong(mask: np.ndarray) -> bool:
+        if honour is None:
+            return False
+        fg, bg = (np.asarray(p, dtype=np.int64).reshape(-1, 2) for p in honour)
+        return bool((~mask[fg[:, 0], fg[:, 1]]).any() or mask[bg[:, 0], bg[:, 1]].any())
+
     for j, (logits, margin) in enumerate(clicked):
         area = (logits > 0).sum() * pixel_area
         score = stability(logits) + margin / np.sqrt(max(1.0, area))
-        if area <= max_area and score > best_score:
+        if area <= max_area and score > best_score and not wrong(logits > 0):
             best, best_score = j, score
     for i, box in enumerate(boxes):
         mask = box_logits[i] > 0
         if not mask.any() or side_contact(mask, box) > max_contact or mask.sum() * pixel_area > max_area:
             continue
+        if wrong(mask):
+            continue
         score = stability(box_logits[i])
         if score > best_score:
             best, best_score = len(clicked) + i, score
     return best
+
+
+def deep_negative(answer: np.ndarray, foreground_rc: np.ndarray, background_rc: np.ndarray, depth: float) -> bool:
+    """Whether a correction says the answer is the wrong object or the wrong scale rather than leaking: the
+    answer holds every foreground click and a background click at least ``depth`` times the answer's
+    equivalent radius inside it (a negative click on a leak lies near the answer's edge). 0: never."""
+    fg = np.asarray(foreground_rc, dtype=np.int64).reshape(-1, 2)
+    bg = np.asarray(background_rc, dtype=np.int64).reshape(-1, 2)
+    if depth <= 0 or not answer.any() or not answer[fg[:, 0], fg[:, 1]].all():
+        return False
+    held = bg[answer[bg[:, 0], bg[:, 1]]]
+    if not len(held):
+        return False
+    inside = ndimage.distance_transform_edt(answer)
+    return float(inside[held[:, 0], held[:, 1]].max()) >= depth * np.sqrt(answer.sum() / np.pi)
 
 
 def local_correction(

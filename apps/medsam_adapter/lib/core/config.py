@@ -151,6 +151,12 @@ class InferenceSettings:
     # model may move the answer there instead of holding to it (lib/core/clicks.py undecided_near_wrong_clicks;
     # 0: off). Off here, 0.5 in lite_medsam.toml since round 24 (measured with its shipped adapters; README)
     correction_prompt_release: float = 0.0
+    # a first correction that is a background click at least this many times the answer's equivalent radius
+    # inside the lone click's answer (which holds the foreground click) says the answer is the wrong object or
+    # scale, not a leak: the click's scale is chosen again among the answers that get both clicks right, and
+    # taken when its area differs by 2x or more (lib/core/clicks.py deep_negative; 0: off). Off by default:
+    # held-out pooled Dice after 2 clicks fell 0.005 although BraTS gained 0.037 after 5 (README, round 26)
+    scale_recheck_depth: float = 0.0
     # box-only requests with the profile's shipped (click) adapters: true uses them, false the bare base
     # model (boxes are what the base model was trained for); adapters from training rounds always serve boxes
     boxes_with_shipped_adapters: bool = False
@@ -290,7 +296,7 @@ def parse_profile(data: dict[str, Any], source: Path | None = None) -> ModelProf
     for option in ("new_part_gap", "new_part_max_ratio", "correction_prompt_release"):
         if not 0 <= getattr(inference, option) <= 100:
             raise ProfileError(f"{where}: [inference].{option} must be between 0 (off) and 100")
-    for option in ("local_total_share", "local_max_removal"):
+    for option in ("local_total_share", "local_max_removal", "scale_recheck_depth"):
         if not 0 <= getattr(inference, option) <= 1:
             raise ProfileError(f"{where}: [inference].{option} must be between 0 and 1")
     trainable = data.pop("trainable", list(TRAINABLE_PARTS))

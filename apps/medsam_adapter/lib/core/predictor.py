@@ -15,6 +15,7 @@ from .click_features import TokenSimilarity, repair_with_features
 from .clicks import (
     boxes_at_scales,
     correction_query,
+    deep_negative,
     local_correction,
     pick_scale,
     respect_clicks,
@@ -229,8 +230,11 @@ class SlicePredictor:
         """Clicks with the previous answer fed back: the model is asked about the part of the previous
         answer the clicks it got wrong are on (:func:`correction_query`: a query is about one object), the
         answer changes only where those clicks ask (:func:`local_correction`), and a foreground click apart
-        from the answer is answered alone at its own scale and added as a new part. (mask, low-res logits,
-        IoU, milliseconds spent encoding the base model's embedding)."""
+        from the answer is answered alone at its own scale and added as a new part. A first correction that
+        is a negative click deep inside the answer (:func:`deep_negative`, ``scale_recheck_depth``) chooses the
+        lone click's scale again among the answers that honour both clicks, and takes it when its area
+        differs from the answer's by 2x or more. (mask, low-res logits, IoU, milliseconds spent encoding the
+        base model's embedding)."""
         settings, frame = self.inference, embedded.frame
         with torch.inference_mode():
             previous = (frame.logits_to_slice(mask_logits)[0, 0] > 0).cpu().numpy()
@@ -268,6 +272,13 @@ class SlicePredictor:
         for part, part_iou in parts:
             mask |= part
             iou = iou or part_iou
+        if (len(fg), len(bg)) == (1, 1) and whole and settings.lone_click_scales_mm and deep_negative(
+            mask, fg, bg, settings.scale_recheck_depth
+        ):
+            again, again_low_res, again_iou, ms = self._lone_click_answer(embedded, fg[0], multimask, honour=(fg, bg))
+            encode_ms += ms
+            if again.any() and not 0.5 < again.sum() / mask.sum() < 2:
+                return again, again_low_res, again_iou, encode_ms
         # the next round is fed the previous logits where the previous answer was kept
         differs = on_low_res(frame, mask, low_res) != (low_res[0, 0] > 0)
         return mask, torch.where(differs, mask_logits.to(low_res.dtype), low_res), iou, encode_ms
@@ -308,11 +319,16 @@ class SlicePredictor:
         return bare, lone if lone is not None and lone.encoder_fingerprint == fingerprint else None, on, encoded
 
     def _lone_click_answer(
-        self, embedded: EmbeddedSlice, click_rc: np.ndarray, multimask: bool, max_area: float = np.inf
+        self,
+        embedded: EmbeddedSlice,
+        click_rc: np.ndarray,
+        multimask: bool,
+        max_area: float = np.inf,
+        honour: tuple[np.ndarray, np.ndarray] | None = None,
     ) -> tuple[np.ndarray, Tensor, float, float]:
         """A foreground click answered alone, at its object's scale (:meth:`_scaled_click`; no answer over
-        ``max_area`` pixels): (mask, low-res logits, IoU, milliseconds spent encoding the base model's
-        embedding for the candidates)."""
+        ``max_area`` pixels, none that gets a click of ``honour`` wrong): (mask, low-res logits, IoU,
+        milliseconds spent encoding the base model's embedding for the candidates)."""
         # built outside inference mode; `on` is the embedding they answer on (its encoding is encoder time)
         start = time.perf_counter()
         bare, lone, on, encoded = self._scale_models(embedded)
@@ -324,7 +340,7 @@ class SlicePredictor:
             logits = frame.logits_to_slice(out.low_res_logits)[0, 0].cpu().numpy()
             mask, low_res, iou = self._scaled_click(
                 embedding, on, frame, points, click_rc, embedded.spacing, bare, lone,
-                (logits, out.low_res_logits, float(out.iou[0, 0])), max_area,
+                (logits, out.low_res_logits, float(out.iou[0, 0])), max_area, honour,
             )
         return mask, low_res, iou, encode_ms
 
@@ -340,6 +356,7 @@ class SlicePredictor:
         lone: LoadedModel | None,
         alone: tuple[np.ndarray, Tensor, float],
         max_area: float = np.inf,
+        honour: tuple[np.ndarray, np.ndarray] | None = None,
     ) -> tuple[np.ndarray, Tensor, float]:
         """A lone click at its object's scale. Candidates: the click alone (``alone``: slice logits,
         low-res logits, IoU), the lone-click adapters' answer to it when there are some, and the answers
@@ -349,8 +366,9 @@ class SlicePredictor:
         ``base_embedding`` (the same one unless shipped adapters changed the encoder). Answers that run
         into their box's sides (a fragment of something larger) are dropped; the most stable answer
         (:func:`stability`) wins, an answer to the click itself with a margin / sqrt(its area in pixels):
-        a small mask's stability is noisier. Answers over ``max_area`` pixels are no candidates (none
-        left: an empty mask). Decoder only."""
+        a small mask's stability is noisier. Answers over ``max_area`` pixels are no candidates, nor are
+        those that get a click of ``honour`` ((foreground, background) clicks) wrong (none left: an empty
+        mask). Decoder only."""
         settings = self.inference
         shape = alone[0].shape
         clicked = [(alone, settings.lone_click_alone_margin)]  # answers to the click itself, with their margins
@@ -373,7 +391,7 @@ class SlicePredictor:
             )
         logits = frame.logits_to_slice(out.low_res_logits)[:, 0].cpu().numpy()
         i = pick_scale([(answer[0], margin) for answer, margin in clicked], logits, boxes,
-                       settings.lone_click_max_contact, max_area=max_area)
+                       settings.lone_click_max_contact, max_area=max_area, honour=honour)
         if i < 0:  # every answer over max_area
             return np.zeros(shape, dtype=bool), alone[1], 0.0
         if i < len(clicked):
