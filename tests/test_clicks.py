@@ -466,22 +466,26 @@ def test_a_deep_negative_click_on_an_answer_far_too_large_chooses_the_scale_agai
     pixels, gt = view.slice(image.array, 3), view.slice(label.array, 3) > 0
     profile = load_profile(APP / "configs" / "lite_medsam.toml")
     cache = EmbeddingCache(256)
+    segmenters = {
+        depth: InteractiveSegmenter(replace(profile, inference=replace(profile.inference, scale_recheck_depth=depth)),
+                                    device="cpu", embeddings=cache)
+        for depth in (0.35, 0.0)
+    }
+    first = segmenters[0.35]
+    window = first.window(image)
     fg = np.array([interior_point(gt)])
+    box = boxes_at_scales(tuple(fg[0]), view.spacing, gt.shape, (80.0,))[0]
+    too_large = first.predictor(first.bare_model()).predict(pixels, window, view.spacing, box_rc=box)
+    assert too_large.mask.sum() > 10 * gt.sum() and too_large.mask[tuple(fg[0])]
+    bg = np.array([interior_point(too_large.mask & ~gt)])  # the annotator's negative click
     answers = {}
-    for depth in (0.35, 0.0):
-        inference = replace(profile.inference, scale_recheck_depth=depth)
-        segmenter = InteractiveSegmenter(replace(profile, inference=inference), device="cpu", embeddings=cache)
-        window = segmenter.window(image)
-        box = boxes_at_scales(tuple(fg[0]), view.spacing, gt.shape, (80.0,))[0]
-        too_large = segmenter.predictor(segmenter.bare_model()).predict(pixels, window, view.spacing, box_rc=box)
-        assert too_large.mask.sum() > 10 * gt.sum() and too_large.mask[tuple(fg[0])]
-        bg = np.array([interior_point(too_large.mask & ~gt)])  # the annotator's negative click
+    for depth, segmenter in segmenters.items():
         result = segmenter.predictor(segmenter.current()).predict(
             pixels, window, view.spacing, np.concatenate([fg, bg]), np.array([1, 0]),
             mask_logits=too_large.low_res_logits,
         )
         assert result.mask[tuple(fg[0])] and not result.mask[tuple(bg[0])]
-        answers[depth] = (result.mask, too_large.mask)
-    (rechecked, too_large), (kept, _) = answers[0.35], answers[0.0]
+        answers[depth] = result.mask
+    rechecked, kept, too_large = answers[0.35], answers[0.0], too_large.mask
     assert kept.sum() > 0.7 * too_large.sum() and dice(kept, gt) < 0.3  # a hole cut around the click
     assert rechecked.sum() < 0.3 * too_large.sum() and dice(rechecked, gt) > 0.6

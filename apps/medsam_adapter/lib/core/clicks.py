@@ -82,11 +82,9 @@ def pick_scale(
     answers that get one of the clicks in ``honour`` wrong ((foreground, background) (N, 2) row, col: inside,
     outside) (-1: none is)."""
     best, best_score = -1, -np.inf
+    fg, bg = (np.asarray(p, dtype=np.int64).reshape(-1, 2) for p in honour or ((), ()))
 
     def wrong(mask: np.ndarray) -> bool:
-        if honour is None:
-            return False
-        fg, bg = (np.asarray(p, dtype=np.int64).reshape(-1, 2) for p in honour)
         return bool((~mask[fg[:, 0], fg[:, 1]]).any() or mask[bg[:, 0], bg[:, 1]].any())
 
     for j, (logits, margin) in enumerate(clicked):
@@ -96,9 +94,8 @@ def pick_scale(
             best, best_score = j, score
     for i, box in enumerate(boxes):
         mask = box_logits[i] > 0
-        if not mask.any() or side_contact(mask, box) > max_contact or mask.sum() * pixel_area > max_area:
-            continue
-        if wrong(mask):
+        if (not mask.any() or side_contact(mask, box) > max_contact or mask.sum() * pixel_area > max_area
+                or wrong(mask)):
             continue
         score = stability(box_logits[i])
         if score > best_score:

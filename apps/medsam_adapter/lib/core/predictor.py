@@ -392,7 +392,7 @@ class SlicePredictor:
         logits = frame.logits_to_slice(out.low_res_logits)[:, 0].cpu().numpy()
         i = pick_scale([(answer[0], margin) for answer, margin in clicked], logits, boxes,
                        settings.lone_click_max_contact, max_area=max_area, honour=honour)
-        if i < 0:  # every answer over max_area
+        if i < 0:  # every answer over max_area or wrong at a click of honour
             return np.zeros(shape, dtype=bool), alone[1], 0.0
         if i < len(clicked):
             answer_logits, low_res, iou = clicked[i][0]
