@@ -109,6 +109,8 @@ def main() -> None:
                         help="the trainer's selection objects, objects in several pieces, or every abdomen structure")
     parser.add_argument("--clicks", type=int, default=8)
     parser.add_argument("--slices", type=int, default=3, help="slices per structure")
+    parser.add_argument("--first-click-depth", type=float, default=1.0,
+                        help="below 1: the first click anywhere at least that fraction of the object's depth inside")
     parser.add_argument("--profile", default="lite_medsam")
     parser.add_argument("--embedding-store", type=Path, default=None, help="keep and reuse image embeddings here")
     parser.add_argument("--out", type=Path, default=None, help="write every number as JSON here")
@@ -120,8 +122,13 @@ def main() -> None:
     cases = CASES[args.cases]()
     if len({c.case_id for c in cases}) != len(cases):
         sys.exit("case ids are not unique across sets")
-    settings = EvalSettings(max_clicks=args.clicks, max_slices_per_structure=args.slices, three_d=False, seed=0)
-    report = {"cases": args.cases, "inference": inference, "clicks": args.clicks, "methods": {}}
+    try:
+        settings = EvalSettings(max_clicks=args.clicks, max_slices_per_structure=args.slices, three_d=False, seed=0,
+                                first_click_depth=args.first_click_depth)
+    except ValueError as e:
+        sys.exit(f"--first-click-depth: {e}")
+    report = {"cases": args.cases, "inference": inference, "clicks": args.clicks,
+              "first_click_depth": args.first_click_depth, "methods": {}}
     for item in args.methods.split(","):
         name, _, method = item.rpartition("=")
         name = name or method

@@ -184,6 +184,9 @@ def main() -> None:
     parser.add_argument("--max-slices", type=int, default=5, help="slices per structure")
     parser.add_argument("--no-3d", action="store_true")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--first-click-depth", type=float, default=1.0,
+                        help="1: the first click at the object's deepest point (the protocol); below 1 a seeded "
+                             "random point at least that fraction of its depth inside (a less exact annotator)")
     parser.add_argument("--device", default=None)
     parser.add_argument("--cases", help="only cases whose id matches this pattern (e.g. 'validation_*'); "
                                         "several patterns separated by commas")
@@ -198,6 +201,11 @@ def main() -> None:
         overrides = setting_pairs(args.inference)
     except ProfileError as e:
         sys.exit(str(e))
+    try:
+        settings = EvalSettings(max_clicks=args.max_clicks, max_slices_per_structure=args.max_slices,
+                                three_d=not args.no_3d, seed=args.seed, first_click_depth=args.first_click_depth)
+    except ValueError as e:
+        sys.exit(f"--first-click-depth: {e}")
 
     cases = load_dataset(args.dataset, args.labels, args.image_name, args.label_name)
     if args.cases:
@@ -208,8 +216,6 @@ def main() -> None:
     if args.merge_labels:
         cases = merge_structures(cases, args.merge_labels)
     structures = args.structures.split(",") if args.structures else None
-    settings = EvalSettings(max_clicks=args.max_clicks, max_slices_per_structure=args.max_slices,
-                            three_d=not args.no_3d, seed=args.seed)
     args.out.mkdir(parents=True, exist_ok=True)
     report = {
         "dataset": args.name or args.out.name,
@@ -229,7 +235,8 @@ def main() -> None:
     previous = args.out / "results.json"
     if args.append and previous.is_file():
         earlier = json.loads(previous.read_text())
-        same_settings = earlier["settings"] == json.loads(json.dumps(report["settings"]))
+        defaults = json.loads(json.dumps(asdict(EvalSettings())))  # settings added since were at their defaults
+        same_settings = {**defaults, **earlier["settings"]} == json.loads(json.dumps(report["settings"]))
         if not same_settings or earlier["dataset_path"] != report["dataset_path"]:
             sys.exit(f"--append: {previous} was made with another dataset or settings")
         report["methods"] = earlier["methods"]

@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 
 from conftest import SAMPLE
-from lib.core.annotator import dice, interior_point, largest_error_click
+from lib.core.annotator import dice, first_click, interior_point, largest_error_click
 from lib.core.config import parse_profile
 from lib.core.datasets import load_dataset, merge_structures, npz_volume, png_mask_set, read_label_names
 from lib.core.engine import InteractiveSegmenter
@@ -65,6 +65,23 @@ def test_first_click_is_the_most_interior_point():
     m = np.zeros((11, 21), bool)
     m[1:10, 3:18] = True  # 9 x 15 rectangle: centre (5, 10)
     assert interior_point(m) == (5, 10)
+
+
+def test_a_less_exact_first_click_lands_anywhere_in_the_inner_part_of_the_object():
+    from scipy import ndimage
+
+    m = np.zeros((40, 60), bool)
+    m[5:35, 5:55] = True  # 30 x 50: the deepest pixels are 15 from the border
+    depth = ndimage.distance_transform_edt(np.pad(m, 1))[1:-1, 1:-1]
+    assert first_click(m, 1.0, np.random.default_rng(0)) == interior_point(m) == first_click(m, 0.5)
+    clicks = {first_click(m, 0.5, np.random.default_rng(seed)) for seed in range(20)}
+    assert len(clicks) > 10 and all(depth[r, c] >= 7.5 for r, c in clicks)
+    assert first_click(m, 0.5, np.random.default_rng(3)) == first_click(m, 0.5, np.random.default_rng(3))
+    thin = np.zeros((9, 9), bool)
+    thin[4, 1:8] = True  # one pixel wide: every pixel is as deep as the deepest
+    assert thin[first_click(thin, 0.1, np.random.default_rng(0))]
+    with pytest.raises(ValueError, match="first_click_depth"):
+        EvalSettings(first_click_depth=0.0)
 
 
 def test_next_click_goes_to_the_largest_error_with_the_right_sign():
@@ -178,8 +195,18 @@ def test_protocol_scores_a_perfect_backend_perfectly():
     assert summary["slices"] == 2 and summary["volumes"] == 1
     assert summary["box_dice"] == summary["click1_dice"] == summary["click5_dice"] == summary["dice_3d"] == 1.0
     assert summary["noc85"] == 1.0 and summary["noc85_failure_rate"] == 0.0
-    first_click = next(r for r in backend.requests if r.get("foreground"))
-    assert first_click["foreground"] == [[10, 12, first_click["slice"]]] and first_click["reset_state"]
+    first = next(r for r in backend.requests if r.get("foreground"))
+    assert first["foreground"] == [[10, 12, first["slice"]]] and first["reset_state"]
+
+    # a less exact annotator: the first click moves off the centre, seeded, still inside the object
+    def first_clicks() -> list[list[int]]:
+        backend = OracleBackend(label)
+        evaluate_cases(backend, [case], EvalSettings(max_clicks=2, max_slices_per_structure=2, first_click_depth=0.3))
+        return [r["foreground"][0] for r in backend.requests if r.get("foreground") and r["reset_state"]]
+
+    firsts = first_clicks()
+    assert len(firsts) == 2 and all(label[r, c, k] == 1 for r, c, k in firsts)
+    assert any(f[:2] != [10, 12] for f in firsts) and first_clicks() == firsts
 
 
 def test_protocol_runs_through_the_engine_with_fed_back_logits():

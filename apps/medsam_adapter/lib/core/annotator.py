@@ -1,7 +1,8 @@
 """A simulated annotator (interactive-segmentation literature protocol), deterministic unless given an rng.
 
 - box: the tight bounding box of the object, optionally pushed outward by a random margin;
-- first click: the most interior point of the object (maximum of the distance transform);
+- first click: the most interior point of the object (maximum of the distance transform), or, for a less
+  exact annotator, a random point at least a given fraction of that depth inside it (:func:`first_click`);
 - next clicks: the most interior point of the largest error region, positive for a missed region,
   negative for an extra one.
 """
@@ -21,6 +22,18 @@ def interior_point(region: np.ndarray) -> tuple[int, int]:
     dist = ndimage.distance_transform_edt(padded)[1:-1, 1:-1]
     deepest = np.argwhere(dist == dist.max())
     r, c = deepest[int(np.argmin(((deepest - deepest.mean(axis=0)) ** 2).sum(axis=1)))]
+    return int(r), int(c)
+
+
+def first_click(region: np.ndarray, depth: float = 1.0, rng: np.random.Generator | None = None) -> tuple[int, int]:
+    """An annotator's first click on ``region``: at ``depth`` 1 (or without ``rng``) the most interior point
+    (:func:`interior_point`); below 1 a random pixel whose distance from the border is at least ``depth``
+    times the deepest pixel's (0.5: anywhere in the inner half of the object's depth; never on its border)."""
+    if rng is None or depth >= 1.0:
+        return interior_point(region)
+    dist = ndimage.distance_transform_edt(np.pad(region.astype(bool), 1))[1:-1, 1:-1]
+    candidates = np.argwhere(dist >= max(1.0, depth * dist.max()))
+    r, c = candidates[rng.integers(len(candidates))]
     return int(r), int(c)
 
 

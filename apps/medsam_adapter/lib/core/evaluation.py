@@ -4,7 +4,8 @@ segmentation backend (in-process or a live server), and the metrics it reports.
 Protocol (the same for every method):
 - box: the structure's tight bounding box on the slice, and a jittered variant (each side pushed
   outward by a seeded random 0..``box_jitter`` of the box's extent);
-- clicks: the first at the most interior point of the structure (distance-transform maximum), each next
+- clicks: the first at the most interior point of the structure (distance-transform maximum; with
+  ``first_click_depth`` < 1 a seeded random point at least that fraction of its depth inside), each next
   one at the most interior point of the largest error region (positive for a miss, negative for an
   extra region), the previous logits fed back as the product does, up to ``max_clicks``;
 - 3D: one tight box on the middle labelled slice of the structure, propagated through the volume;
@@ -24,7 +25,7 @@ import numpy as np
 import torch
 from monai.metrics import compute_surface_dice
 
-from .annotator import dice, interior_point, largest_error_click
+from .annotator import dice, first_click, largest_error_click
 from .datasets import LabelledCase
 
 
@@ -34,11 +35,16 @@ class EvalSettings:
     click_checkpoints: tuple[int, ...] = (1, 3, 5)
     noc_targets: tuple[float, ...] = (0.85, 0.90)
     box_jitter: float = 0.1  # fraction of the box's extent, per side, outward
+    first_click_depth: float = 1.0  # 1: the first click at the deepest point; 0.5: anywhere at half its depth
     seed: int = 0
     max_slices_per_structure: int = 5
     min_pixels: int = 10
     three_d: bool = True
     nsd_tolerance_mm: float = 2.0
+
+    def __post_init__(self) -> None:
+        if not 0.0 < self.first_click_depth <= 1.0:
+            raise ValueError(f"first_click_depth must be in (0, 1], got {self.first_click_depth}")
 
 
 class SegmentationBackend(Protocol):
@@ -158,7 +164,7 @@ def evaluate_slice(
     jbox = dice(run({"roi": jittered_roi(gt, k, rng, settings.box_jitter), "client_id": f"{session}-jbox"}), gt)
     fg: list[list[int]] = []
     bg: list[list[int]] = []
-    r, c = interior_point(gt)
+    r, c = first_click(gt, settings.first_click_depth, rng)
     fg.append([r, c, k])
     dices: list[float] = []
     for n in range(settings.max_clicks):
