@@ -15,11 +15,15 @@ from scipy import ndimage
 from .prompts import mask_box
 
 
+def border_distance(region: np.ndarray) -> np.ndarray:
+    """Each pixel's distance to the nearest pixel outside ``region`` (the slice's edge counts as outside)."""
+    return ndimage.distance_transform_edt(np.pad(region.astype(bool), 1))[1:-1, 1:-1]
+
+
 def interior_point(region: np.ndarray) -> tuple[int, int]:
     """The pixel farthest from the region's border; among equally deep pixels (e.g. the middle line of
     a rectangle), the one nearest to their centre."""
-    padded = np.pad(region.astype(bool), 1)
-    dist = ndimage.distance_transform_edt(padded)[1:-1, 1:-1]
+    dist = border_distance(region)
     deepest = np.argwhere(dist == dist.max())
     r, c = deepest[int(np.argmin(((deepest - deepest.mean(axis=0)) ** 2).sum(axis=1)))]
     return int(r), int(c)
@@ -31,7 +35,7 @@ def first_click(region: np.ndarray, depth: float = 1.0, rng: np.random.Generator
     times the deepest pixel's (0.5: anywhere in the inner half of the object's depth; never on its border)."""
     if rng is None or depth >= 1.0:
         return interior_point(region)
-    dist = ndimage.distance_transform_edt(np.pad(region.astype(bool), 1))[1:-1, 1:-1]
+    dist = border_distance(region)
     candidates = np.argwhere(dist >= max(1.0, depth * dist.max()))
     r, c = candidates[rng.integers(len(candidates))]
     return int(r), int(c)
@@ -56,7 +60,7 @@ def largest_error_click(prediction: np.ndarray, target: np.ndarray) -> tuple[int
 
 def random_interior_point(target: np.ndarray, rng: np.random.Generator, min_depth: float = 2.0) -> tuple[int, int]:
     """A random object pixel at least ``min_depth`` from its border when there is one."""
-    dist = ndimage.distance_transform_edt(np.pad(target, 1))[1:-1, 1:-1]
+    dist = border_distance(target)
     candidates = np.argwhere(dist >= min(min_depth, dist.max()))
     r, c = candidates[rng.integers(len(candidates))]
     return int(r), int(c)
