@@ -14,6 +14,7 @@ from lib.core.clicks import (
     deep_negative,
     local_correction,
     pick_scale,
+    recentred_boxes,
     respect_clicks,
     side_contact,
     stability,
@@ -366,6 +367,35 @@ def test_the_scale_choice_weighs_click_answers_by_their_margins_and_drops_fragme
     assert pick_scale([], box_answers, boxes, 0.2, honour=(inside, outside)) == -1
     assert pick_scale([(blurry_click, 0.0)], box_answers, boxes, 0.2, honour=(inside, outside)) == 0
     assert pick_scale([(sharp_click, 0.0)], box_answers, boxes, 0.2, honour=(np.array([[2, 2]]), none)) == -1
+
+
+def test_a_box_is_recentred_on_its_answer_and_then_holds_the_object_a_click_off_centre_cut():
+    """A click 12 pixels off a disc's centre: the box of the disc's size around the click cuts the disc, the
+    same box moved onto that answer's centroid holds it (within the scale choice's contact); empty, unmoved
+    and repeated boxes are left out, and a moved box is clipped to the slice. A box answer that does not
+    hold the click is no candidate."""
+    yy, xx = np.mgrid[:64, :64]
+    disc = 14.0 - np.hypot(yy - 32, xx - 32)  # radius 14 around (32, 32)
+    click = (32, 44)
+    box = (17, 29, 47, 59)  # 31 pixels around the click: the disc's size, cut on its left side
+    cut = np.where((xx >= 29) & (xx <= 59) & (yy >= 17) & (yy <= 47), disc, -1.0)
+    assert side_contact(cut > 0, box) > 0.2
+    (moved,) = recentred_boxes(cut[None], [box], (64, 64))
+    assert moved[0] == 17 and moved[2] == 47 and moved[1] < 29 and moved[3] - moved[1] == 30
+    whole = disc * 4.0
+    # the cut fragment's centroid lies between the click and the centre: the moved box still touches the
+    # disc, far less (within the scale choice's 0.2)
+    assert side_contact(whole > 0, moved) <= 0.2 < side_contact(whole > 0, box)
+    assert pick_scale([], np.stack([cut, whole]), [box, moved], 0.2, held=click) == 1
+    # the click outside an answer: not a candidate when held is given
+    assert pick_scale([], whole[None], [moved], 0.2, held=(2, 2)) == -1
+    centred = np.where(np.hypot(yy - 32, xx - 44) < 5, 1.0, -1.0)  # centred on its box: does not move
+    empty = np.full((64, 64), -1.0)
+    assert recentred_boxes(np.stack([centred, empty]), [(27, 39, 37, 49), box], (64, 64)) == []
+    assert recentred_boxes(np.stack([cut, cut]), [box, box], (64, 64)) == [moved]  # listed once
+    corner = np.where(np.hypot(yy - 2, xx - 2) < 4, 1.0, -1.0)
+    # moved by its answer's offset from its centre (about -8, -8), clipped: the box at the edge shrinks
+    assert recentred_boxes(corner[None], [(0, 0, 20, 20)], (64, 64)) == [(0, 0, 12, 12)]
 
 
 def test_a_negative_click_deep_inside_the_answer_questions_its_scale():

@@ -1,9 +1,10 @@
 """What a click means, on one display-oriented slice.
 
 - A lone foreground click is ambiguous in scale (a lesion, an organ, a whole head?). The predictor also
-  asks for answers to boxes of several physical sizes around it (:func:`boxes_at_scales`) and keeps the
-  most stable answer (:func:`stability`) among those that do not run into their box's sides
-  (:func:`side_contact`: the box was too small, the answer a fragment).
+  asks for answers to boxes of several physical sizes around it (:func:`boxes_at_scales`) and to the same
+  boxes moved onto their answers (:func:`recentred_boxes`: people click off an object's centre), and keeps
+  the most stable answer (:func:`stability`) among those that hold the click and do not run into their
+  box's sides (:func:`side_contact`: the box was too small, the answer a fragment).
 - A correction click changes the answer where it was wrong and the way it asks (a foreground click adds,
   a background click removes), not elsewhere (:func:`local_correction`). A first correction that is a
   negative click deep inside the lone click's answer (:func:`deep_negative`) says the scale was wrong: the
@@ -39,6 +40,27 @@ def boxes_at_scales(
     return boxes
 
 
+def recentred_boxes(box_logits: np.ndarray, boxes: list[Box], shape: tuple[int, int]) -> list[Box]:
+    """Each box moved, at its size, to be centred on the centroid of its answer (``box_logits[i] > 0``),
+    clipped to the slice: a click off its object's centre leaves the box of the object's size cut by the
+    object on one side and holding background on the other. Boxes whose answer is empty, that move by less
+    than a pixel, or that are already listed (in ``boxes`` or before) are left out."""
+    moved: list[Box] = []
+    for logits, (r0, c0, r1, c1) in zip(box_logits, boxes, strict=True):
+        rows, cols = np.nonzero(logits > 0)
+        if not len(rows):
+            continue
+        dr, dc = rows.mean() - (r0 + r1) / 2.0, cols.mean() - (c0 + c1) / 2.0
+        if abs(dr) < 1 and abs(dc) < 1:
+            continue
+        # shifted whole, then clipped (a box at the slice's edge keeps its side there)
+        box = (max(0, round(r0 + dr)), max(0, round(c0 + dc)),
+               min(shape[0] - 1, round(r1 + dr)), min(shape[1] - 1, round(c1 + dc)))
+        if box not in boxes and box not in moved:
+            moved.append(box)
+    return moved
+
+
 def stability(logits: np.ndarray, offset: float = 1.0) -> float:
     """SAM's stability score: the mask at logit > +offset over the mask at logit > -offset (1: a sharp
     edge that a shifted threshold does not move; low: a blurry, uncertain answer). 0 for an empty mask."""
@@ -71,6 +93,7 @@ def pick_scale(
     pixel_area: float = 1.0,
     max_area: float = np.inf,
     honour: tuple[np.ndarray, np.ndarray] | None = None,
+    held: tuple[int, int] | None = None,
 ) -> int:
     """Which answer to a lone click to keep, as an index into ``clicked`` followed by ``box_logits``.
     ``clicked``: answers to the click itself (logits, margin), e.g. the served adapter's and a lone-click
@@ -80,7 +103,8 @@ def pick_scale(
     The highest score wins, the first of equals. ``pixel_area``: slice pixels per pixel of these arrays
     (the margins are in slice pixels); answers over ``max_area`` slice pixels are not candidates, nor are
     answers that get one of the clicks in ``honour`` wrong ((foreground, background) (N, 2) row, col: inside,
-    outside) (-1: none is)."""
+    outside), nor box answers that do not hold ``held`` (the click; a re-centred box may move off it)
+    (-1: none is)."""
     best, best_score = -1, -np.inf
     fg, bg = (np.asarray(p, dtype=np.int64).reshape(-1, 2) for p in honour or ((), ()))
 
@@ -95,7 +119,7 @@ def pick_scale(
     for i, box in enumerate(boxes):
         mask = box_logits[i] > 0
         if (not mask.any() or side_contact(mask, box) > max_contact or mask.sum() * pixel_area > max_area
-                or wrong(mask)):
+                or wrong(mask) or (held is not None and not mask[held])):
             continue
         score = stability(box_logits[i])
         if score > best_score:

@@ -111,6 +111,10 @@ class InferenceSettings:
     )
     lone_click_max_contact: float = 0.2
     lone_click_alone_margin: float = 3.0
+    # ... and to the same boxes moved onto the centroids of their answers (one more decoder pass; people click
+    # off an object's centre, where a box of its size centred on the click cuts it), box answers only
+    # counting when they hold the click (lib/core/clicks.py recentred_boxes). Off here; lite_medsam.toml: README
+    lone_click_recentre: bool = False
     # with the profile's lone_click_checkpoint (shipped adapters only): the lone-click adapters' answer to
     # the click competes too, ahead unless another beats its stability by this margin / sqrt(its area)
     lone_click_adapter: bool = True

@@ -13,11 +13,13 @@ from torch import Tensor
 from .cache import EmbeddingCache, content_key
 from .click_features import TokenSimilarity, repair_with_features
 from .clicks import (
+    Box,
     boxes_at_scales,
     correction_query,
     deep_negative,
     local_correction,
     pick_scale,
+    recentred_boxes,
     respect_clicks,
     undecided_near_wrong_clicks,
 )
@@ -361,7 +363,8 @@ class SlicePredictor:
         """A lone click at its object's scale. Candidates: the click alone (``alone``: slice logits,
         low-res logits, IoU), the lone-click adapters' answer to it when there are some, and the answers
         to square boxes of ``lone_click_scales_mm`` around it — ``bare``'s (the bare base model's) to each
-        box alone, or, when there is no bare model, the served model's to the click inside each box. The
+        box alone, or, when there is no bare model, the served model's to the click inside each box — and,
+        with ``lone_click_recentre``, to those boxes moved onto their answers (:func:`recentred_boxes`). The
         served model answers on ``embedding``, the bare model and the lone-click adapters on
         ``base_embedding`` (the same one unless shipped adapters changed the encoder). Answers that run
         into their box's sides (a fragment of something larger) are dropped; the most stable answer
@@ -377,28 +380,41 @@ class SlicePredictor:
             answer = (frame.logits_to_slice(out.low_res_logits)[0, 0].cpu().numpy(), out.low_res_logits,
                       float(out.iou[0, 0]))
             clicked.append((answer, settings.lone_click_adapter_margin))
-        boxes = boxes_at_scales((int(click_rc[0]), int(click_rc[1])), spacing, shape, settings.lone_click_scales_mm)
-        model_boxes = torch.as_tensor(
-            np.stack([frame.box_to_model(*b) for b in boxes]), dtype=torch.float32, device=self.device
-        )
-        if bare is not None:
-            out = bare.decoder()(base_embedding, boxes=model_boxes)
-        else:
-            n = len(boxes)
-            xy, labels = points
-            out = self.loaded.decoder()(
-                embedding, points=(xy.expand(n, -1, -1), labels.expand(n, -1)), boxes=model_boxes
+        click = (int(click_rc[0]), int(click_rc[1]))
+        boxes = boxes_at_scales(click, spacing, shape, settings.lone_click_scales_mm)
+
+        def answers(asked: list[Box]) -> tuple[np.ndarray, Tensor, Tensor]:
+            """Slice logits, low-res logits and IoUs of the answers to ``asked``."""
+            model_boxes = torch.as_tensor(
+                np.stack([frame.box_to_model(*b) for b in asked]), dtype=torch.float32, device=self.device
             )
-        logits = frame.logits_to_slice(out.low_res_logits)[:, 0].cpu().numpy()
+            if bare is not None:
+                out = bare.decoder()(base_embedding, boxes=model_boxes)
+            else:
+                n = len(asked)
+                xy, labels = points
+                out = self.loaded.decoder()(
+                    embedding, points=(xy.expand(n, -1, -1), labels.expand(n, -1)), boxes=model_boxes
+                )
+            return frame.logits_to_slice(out.low_res_logits)[:, 0].cpu().numpy(), out.low_res_logits, out.iou
+
+        logits, low_res_all, ious = answers(boxes)
+        moved = recentred_boxes(logits, boxes, shape) if settings.lone_click_recentre else []
+        if moved:  # one more decoder pass: the boxes moved onto their answers
+            more = answers(moved)
+            boxes = boxes + moved
+            logits, low_res_all, ious = (np.concatenate([logits, more[0]]), torch.cat([low_res_all, more[1]]),
+                                         torch.cat([ious, more[2]]))
         i = pick_scale([(answer[0], margin) for answer, margin in clicked], logits, boxes,
-                       settings.lone_click_max_contact, max_area=max_area, honour=honour)
+                       settings.lone_click_max_contact, max_area=max_area, honour=honour,
+                       held=click if settings.lone_click_recentre else None)
         if i < 0:  # every answer over max_area or wrong at a click of honour
             return np.zeros(shape, dtype=bool), alone[1], 0.0
         if i < len(clicked):
             answer_logits, low_res, iou = clicked[i][0]
             return answer_logits > 0, low_res, iou
         i -= len(clicked)
-        return logits[i] > 0, out.low_res_logits[i : i + 1], float(out.iou[i, 0])
+        return logits[i] > 0, low_res_all[i : i + 1], float(ious[i, 0])
 
     def auto_probabilities(
         self, image: np.ndarray, window: IntensityWindow, spacing: tuple[float, float] = (1.0, 1.0)

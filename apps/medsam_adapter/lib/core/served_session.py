@@ -2,7 +2,8 @@
 
 Inference (:class:`~.predictor.SlicePredictor` with the engine's routing) does not show the adapter's own
 answer to every prompt: a box alone is answered by the bare base model, a lone click at its object's
-scale (the bare model's answers to boxes around it compete with the click alone), and a correction click
+scale (the bare model's answers to boxes around it, and with ``lone_click_recentre`` to those boxes moved
+onto their answers, compete with the click alone), and a correction click
 changes the previous answer only where it was wrong. A simulated annotator that sees these answers trains
 the adapter on the sessions it will actually serve: refining masks it did not produce itself.
 """
@@ -15,7 +16,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .clicks import boxes_at_scales, local_correction, pick_scale
+from .clicks import boxes_at_scales, local_correction, pick_scale, recentred_boxes
 from .config import InferenceSettings
 from .model import AdaptedSam
 
@@ -66,12 +67,16 @@ class ServedAnswers:
             return alone
         spacing = (geometry.mm_per_pixel, geometry.mm_per_pixel)
         boxes = boxes_at_scales(click_rc, spacing, geometry.extent, s.lone_click_scales_mm)
-        out = self.bare.decode(embedding, boxes=self.model_boxes(boxes))
-        logits = out.low_res_logits[:, 0].cpu().numpy()
+        answers = self.bare.decode(embedding, boxes=self.model_boxes(boxes)).low_res_logits
+        moved = recentred_boxes(answers[:, 0].cpu().numpy(), boxes, geometry.extent) if s.lone_click_recentre else []
+        if moved:
+            boxes = boxes + moved
+            answers = torch.cat([answers, self.bare.decode(embedding, boxes=self.model_boxes(moved)).low_res_logits])
         alone_np = alone[0, 0].cpu().numpy()
-        i = pick_scale([(alone_np, s.lone_click_alone_margin)], logits, boxes, s.lone_click_max_contact,
-                       geometry.slice_pixels**2)
-        return alone if i == 0 else out.low_res_logits[i - 1 : i]
+        i = pick_scale([(alone_np, s.lone_click_alone_margin)], answers[:, 0].cpu().numpy(), boxes,
+                       s.lone_click_max_contact, geometry.slice_pixels**2,
+                       held=click_rc if s.lone_click_recentre else None)
+        return alone if i == 0 else answers[i - 1 : i]
 
     def correction(self, previous: Tensor, new: Tensor, clicks: list[tuple[int, int, int]]) -> Tensor:
         """The logits (1, 1, h, w) kept after a correction: ``new`` where :func:`local_correction` takes the
