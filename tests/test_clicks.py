@@ -394,8 +394,47 @@ def test_a_box_is_recentred_on_its_answer_and_then_holds_the_object_a_click_off_
     assert recentred_boxes(np.stack([centred, empty]), [(27, 39, 37, 49), box], (64, 64)) == []
     assert recentred_boxes(np.stack([cut, cut]), [box, box], (64, 64)) == [moved]  # listed once
     corner = np.where(np.hypot(yy - 2, xx - 2) < 4, 1.0, -1.0)
-    # moved by its answer's offset from its centre (about -8, -8), clipped: the box at the edge shrinks
-    assert recentred_boxes(corner[None], [(0, 0, 20, 20)], (64, 64)) == [(0, 0, 12, 12)]
+    # moved by its answer's offset from its centre (about -9, -9), clipped: it shrinks at the slice's edge
+    assert recentred_boxes(corner[None], [(1, 1, 21, 21)], (64, 64)) == [(0, 0, 12, 12)]
+    # a box already on the slice's edge (clipped: not the size it stands for) is not moved
+    assert recentred_boxes(corner[None], [(0, 0, 20, 20)], (64, 64)) == []
+    assert recentred_boxes(corner[None, ::-1, ::-1], [(43, 43, 63, 63)], (64, 64)) == []
+
+
+def test_a_click_on_the_spleens_small_tip_does_not_take_a_moved_boxs_larger_answer():
+    """The spleen CT of sample-data, slice 3 (a 350-pixel tip), clicked where the evaluation's annotator
+    clicks (a deepest point; its choice between near-tied scales flips a pixel away): round 28's moved
+    boxes answered with the whole body (a moved slice-edge box, Dice 0.04, still 0.15 after ten clicks)
+    or with a 3 000-pixel region around the tip. Moved boxes may correct the chosen answer's position,
+    not its scale: at most ``lone_click_recentre_growth`` times its area."""
+    from lib.core.annotator import dice
+    from lib.core.config import load_profile
+    from lib.core.engine import InteractiveSegmenter
+    from lib.core.orientation import SliceView
+
+    image = load_volume(SAMPLE / "spleen_ct.nii.gz")
+    label = load_volume(SAMPLE / "reference" / "spleen_ct.nii.gz")
+    view = SliceView.from_affine(image.affine, 2)
+    pixels, gt = view.slice(image.array, 3), view.slice(label.array, 3) > 0
+    profile = load_profile(APP / "configs" / "lite_medsam.toml")
+    assert profile.inference.lone_click_recentre_growth == 1.5  # the opt-in's limit
+    profile = replace(profile, inference=replace(profile.inference, lone_click_recentre=True))
+    cache = EmbeddingCache(256)
+    fg = np.array([[83, 121]])
+    assert gt[83, 121]
+    masks = {}
+    for growth in (1.5, np.inf):
+        segmenter = InteractiveSegmenter(
+            replace(profile, inference=replace(profile.inference, lone_click_recentre_growth=growth)),
+            device="cpu", embeddings=cache,
+        )
+        result = segmenter.predictor(segmenter.current()).predict(
+            pixels, segmenter.window(image), view.spacing, fg, np.array([1])
+        )
+        assert result.mask[tuple(fg[0])]
+        masks[growth] = result.mask
+    assert masks[np.inf].sum() > 5 * gt.sum()  # without the limit: a moved box's answer far too large
+    assert masks[1.5].sum() < 3 * gt.sum() and dice(masks[1.5], gt) > 0.6
 
 
 def test_a_negative_click_deep_inside_the_answer_questions_its_scale():

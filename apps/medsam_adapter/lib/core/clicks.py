@@ -43,12 +43,13 @@ def boxes_at_scales(
 def recentred_boxes(box_logits: np.ndarray, boxes: list[Box], shape: tuple[int, int]) -> list[Box]:
     """Each box moved, at its size, to be centred on the centroid of its answer (``box_logits[i] > 0``),
     clipped to the slice: a click off its object's centre leaves the box of the object's size cut by the
-    object on one side and holding background on the other. Boxes whose answer is empty, that move by less
-    than a pixel, or that are already listed (in ``boxes`` or before) are left out."""
+    object on one side and holding background on the other. Boxes on the slice's edge (already clipped:
+    not the size they stand for; moved, they answer with the whole body), boxes whose answer is empty, that
+    move by less than a pixel, or that are already listed (in ``boxes`` or before) are left out."""
     moved: list[Box] = []
     for logits, (r0, c0, r1, c1) in zip(box_logits, boxes, strict=True):
         rows, cols = np.nonzero(logits > 0)
-        if not len(rows):
+        if not len(rows) or min(r0, c0) <= 0 or r1 >= shape[0] - 1 or c1 >= shape[1] - 1:
             continue
         dr, dc = rows.mean() - (r0 + r1) / 2.0, cols.mean() - (c0 + c1) / 2.0
         if abs(dr) < 1 and abs(dc) < 1:

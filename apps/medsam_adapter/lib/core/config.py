@@ -115,6 +115,8 @@ class InferenceSettings:
     # off an object's centre, where a box of its size centred on the click cuts it), box answers only
     # counting when they hold the click (lib/core/clicks.py recentred_boxes). Off here; lite_medsam.toml: README
     lone_click_recentre: bool = False
+    # a moved box's answer replaces the one chosen without them only when at most this many times its area
+    lone_click_recentre_growth: float = 1.5
     # with the profile's lone_click_checkpoint (shipped adapters only): the lone-click adapters' answer to
     # the click competes too, ahead unless another beats its stability by this margin / sqrt(its area)
     lone_click_adapter: bool = True
@@ -290,6 +292,8 @@ def parse_profile(data: dict[str, Any], source: Path | None = None) -> ModelProf
             raise ProfileError(f"{where}: [inference].{option} must be auto, always or never")
     check_encoder_runtime(inference.encoder_runtime, f"{where}: [inference].encoder_runtime")
     check_encoder_runtime(inference.decoder_runtime, f"{where}: [inference].decoder_runtime", DECODER_RUNTIMES)
+    if not inference.lone_click_recentre_growth > 0:
+        raise ProfileError(f"{where}: [inference].lone_click_recentre_growth must be above 0 (inf: any size)")
     for option in ("lone_click_alone_margin", "lone_click_adapter_margin", "repair_logit"):
         if not getattr(inference, option) >= 0:
             raise ProfileError(f"{where}: [inference].{option} must be at least 0")

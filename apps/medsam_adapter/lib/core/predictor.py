@@ -364,7 +364,9 @@ class SlicePredictor:
         low-res logits, IoU), the lone-click adapters' answer to it when there are some, and the answers
         to square boxes of ``lone_click_scales_mm`` around it — ``bare``'s (the bare base model's) to each
         box alone, or, when there is no bare model, the served model's to the click inside each box — and,
-        with ``lone_click_recentre``, to those boxes moved onto their answers (:func:`recentred_boxes`). The
+        with ``lone_click_recentre``, to those boxes moved onto their answers (:func:`recentred_boxes`; these
+        only replace the answer chosen without them, and only when at most ``lone_click_recentre_growth``
+        times its area: a moved box corrects a position, not a scale). The
         served model answers on ``embedding``, the bare model and the lone-click adapters on
         ``base_embedding`` (the same one unless shipped adapters changed the encoder). Answers that run
         into their box's sides (a fragment of something larger) are dropped; the most stable answer
@@ -399,22 +401,25 @@ class SlicePredictor:
             return frame.logits_to_slice(out.low_res_logits)[:, 0].cpu().numpy(), out.low_res_logits, out.iou
 
         logits, low_res_all, ious = answers(boxes)
-        moved = recentred_boxes(logits, boxes, shape) if settings.lone_click_recentre else []
-        if moved:  # one more decoder pass: the boxes moved onto their answers
-            more = answers(moved)
-            boxes = boxes + moved
-            logits, low_res_all, ious = (np.concatenate([logits, more[0]]), torch.cat([low_res_all, more[1]]),
-                                         torch.cat([ious, more[2]]))
+        held = click if settings.lone_click_recentre else None
         i = pick_scale([(answer[0], margin) for answer, margin in clicked], logits, boxes,
-                       settings.lone_click_max_contact, max_area=max_area, honour=honour,
-                       held=click if settings.lone_click_recentre else None)
+                       settings.lone_click_max_contact, max_area=max_area, honour=honour, held=held)
         if i < 0:  # every answer over max_area or wrong at a click of honour
             return np.zeros(shape, dtype=bool), alone[1], 0.0
         if i < len(clicked):
-            answer_logits, low_res, iou = clicked[i][0]
-            return answer_logits > 0, low_res, iou
-        i -= len(clicked)
-        return logits[i] > 0, low_res_all[i : i + 1], float(ious[i, 0])
+            (chosen, low_res, iou), margin = clicked[i]
+        else:
+            i -= len(clicked)
+            chosen, low_res, iou, margin = logits[i], low_res_all[i : i + 1], float(ious[i, 0]), 0.0
+        moved = recentred_boxes(logits, boxes, shape) if settings.lone_click_recentre else []
+        if moved:  # one more decoder pass: the boxes moved onto their answers, at most so much larger
+            more_logits, more_low_res, more_ious = answers(moved)
+            cap = min(max_area, settings.lone_click_recentre_growth * (chosen > 0).sum())
+            j = pick_scale([(chosen, margin)], more_logits, moved, settings.lone_click_max_contact,
+                           max_area=cap, honour=honour, held=held)
+            if j > 0:
+                return more_logits[j - 1] > 0, more_low_res[j - 1 : j], float(more_ious[j - 1, 0])
+        return chosen > 0, low_res, iou
 
     def auto_probabilities(
         self, image: np.ndarray, window: IntensityWindow, spacing: tuple[float, float] = (1.0, 1.0)

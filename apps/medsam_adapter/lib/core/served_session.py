@@ -68,15 +68,21 @@ class ServedAnswers:
         spacing = (geometry.mm_per_pixel, geometry.mm_per_pixel)
         boxes = boxes_at_scales(click_rc, spacing, geometry.extent, s.lone_click_scales_mm)
         answers = self.bare.decode(embedding, boxes=self.model_boxes(boxes)).low_res_logits
-        moved = recentred_boxes(answers[:, 0].cpu().numpy(), boxes, geometry.extent) if s.lone_click_recentre else []
-        if moved:
-            boxes = boxes + moved
-            answers = torch.cat([answers, self.bare.decode(embedding, boxes=self.model_boxes(moved)).low_res_logits])
-        alone_np = alone[0, 0].cpu().numpy()
-        i = pick_scale([(alone_np, s.lone_click_alone_margin)], answers[:, 0].cpu().numpy(), boxes,
-                       s.lone_click_max_contact, geometry.slice_pixels**2,
-                       held=click_rc if s.lone_click_recentre else None)
-        return alone if i == 0 else answers[i - 1 : i]
+        box_logits, pixel_area = answers[:, 0].cpu().numpy(), geometry.slice_pixels**2
+        held = click_rc if s.lone_click_recentre else None
+        i = pick_scale([(alone[0, 0].cpu().numpy(), s.lone_click_alone_margin)], box_logits, boxes,
+                       s.lone_click_max_contact, pixel_area, held=held)
+        chosen, margin = (alone, s.lone_click_alone_margin) if i == 0 else (answers[i - 1 : i], 0.0)
+        moved = recentred_boxes(box_logits, boxes, geometry.extent) if s.lone_click_recentre else []
+        if moved:  # as SlicePredictor._scaled_click: moved boxes replace the choice, at most so much larger
+            more = self.bare.decode(embedding, boxes=self.model_boxes(moved)).low_res_logits
+            chosen_np = chosen[0, 0].cpu().numpy()
+            j = pick_scale([(chosen_np, margin)], more[:, 0].cpu().numpy(), moved, s.lone_click_max_contact,
+                           pixel_area, max_area=s.lone_click_recentre_growth * (chosen_np > 0).sum() * pixel_area,
+                           held=held)
+            if j > 0:
+                return more[j - 1 : j]
+        return chosen
 
     def correction(self, previous: Tensor, new: Tensor, clicks: list[tuple[int, int, int]]) -> Tensor:
         """The logits (1, 1, h, w) kept after a correction: ``new`` where :func:`local_correction` takes the
