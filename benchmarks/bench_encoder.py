@@ -94,10 +94,14 @@ def model_inputs(model: AdaptedSam, slices: list[tuple]) -> list[torch.Tensor]:
     return out
 
 
-def session_masks(model: AdaptedSam, encode, slices: list[tuple]) -> list[np.ndarray]:
+def session_masks(model: AdaptedSam, encode, slices: list[tuple], device: torch.device | str = "cpu") -> list:
     profile = load_profile(PROFILE)
     predictor = SlicePredictor(
-        LoadedModel(model, 0, "bench", encode=encode), EmbeddingCache(256), profile.preprocessing, profile.inference
+        LoadedModel(model, 0, "bench", encode=encode),
+        EmbeddingCache(256),
+        profile.preprocessing,
+        profile.inference,
+        device,
     )
     out = []
     for image, window, spacing, gt, _ in slices:

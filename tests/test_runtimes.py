@@ -177,7 +177,7 @@ def test_auto_is_what_the_served_model_uses_and_is_verified(served_model):
     loaded = segmenter.current()
     assert isinstance(loaded.encode, RuntimeEncoder)
     assert loaded.encode.prepare().name == order[0] or loaded.encode.prepare().name in order[:-1]
-    assert candidates("auto", "cuda") == ["torch_fp16", "torch"]
+    assert candidates("auto", "cuda") == ["cuda_graph_fp16", "cuda_graph", "torch_fp16", "torch"]
 
 
 @needs_openvino

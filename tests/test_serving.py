@@ -159,8 +159,10 @@ def start(tmp_path_factory, name: str, conf: dict[str, str]) -> Server:
 
 @pytest.fixture(scope="module")
 def busy_server(tmp_path_factory):
-    # no prefetch (the tests count encodes), small queues so that overload is reachable
-    srv = start(tmp_path_factory, "serving", {"prefetch_slices": "0", "scheduler_client_queue_limit": "2"})
+    # no prefetch (the tests count encodes), small queues so that overload is reachable; concurrent
+    # encodes batched (what auto does on CUDA), so the concurrency tests cover the batcher over HTTP
+    conf = {"prefetch_slices": "0", "scheduler_client_queue_limit": "2", "encode_batch": "4"}
+    srv = start(tmp_path_factory, "serving", conf)
     yield srv
     srv.stop()
 

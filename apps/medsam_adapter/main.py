@@ -6,12 +6,16 @@ Options (``--conf KEY VALUE``):
   embedding_cache_mb   override the profiles' embedding cache size (0 re-encodes on every click)
   adapter_version      serve this published adapter version instead of the newest (rollback)
   encoder_runtime      auto (default) | torch | torch_bf16 | torch_fp16 | openvino_fp32 | openvino_bf16 |
-                       openvino_mixed: overrides the profiles' [inference] encoder_runtime (auto on a CPU
-                       with native bf16: the faster of openvino_fp32 and openvino_mixed measured there;
-                       lib/serving/runtimes.py)
+                       openvino_mixed | cuda_graph | cuda_graph_fp16: overrides the profiles' [inference]
+                       encoder_runtime (auto on a CPU with native bf16: the faster of openvino_fp32 and
+                       openvino_mixed measured there; on CUDA the fastest of cuda_graph_fp16, cuda_graph and
+                       torch_fp16 measured there; lib/serving/runtimes.py)
   decoder_runtime      auto (default) | torch | openvino_fp32 | openvino_bf16: overrides [inference]
                        decoder_runtime (lib/serving/decoder_runtime.py; bf16: ~1.5x faster clicks where
                        the CPU has native bf16, opt-in: it can change a lone click's scale choice)
+  encode_batch         encode concurrent requests' new slices as one batch of up to N (0, default: auto,
+                       8 on CUDA and 1 on a CPU; lib/serving/encode_batching.py); on a GPU give the
+                       scheduler more workers too (scheduler_workers 8) so that requests meet
   warm_up              true (default) | false: build the served and bare models and their encoder and
                        decoder runtimes in the background at startup (else at the first prompts)
   shipped_adapters     true (default) | false: start from the adapters shipped with a profile (the
@@ -81,6 +85,16 @@ def _conf_flag(conf: dict[str, str], key: str, default: bool) -> bool:
     raise ProfileError(f"--conf {key}: expected true or false, got {conf[key]!r}")
 
 
+def _conf_int(conf: dict[str, str], key: str, low: int, high: int) -> int:
+    try:
+        value = int(str(conf[key]).strip())
+    except ValueError:
+        raise ProfileError(f"--conf {key}: expected a whole number, got {conf[key]!r}") from None
+    if not low <= value <= high:
+        raise ProfileError(f"--conf {key}: must be between {low} and {high}, got {value}")
+    return value
+
+
 class MedSamAdapterApp(MONAILabelApp):
     def __init__(self, app_dir: str, studies: str, conf: dict[str, str]) -> None:
         self.profiles = self._select_profiles(Path(app_dir) / "configs", conf.get("models", ""))
@@ -92,6 +106,11 @@ class MedSamAdapterApp(MONAILabelApp):
                 self.profiles = {
                     n: replace(p, inference=replace(p.inference, **{key: runtime})) for n, p in self.profiles.items()
                 }
+        if conf.get("encode_batch"):
+            batch = _conf_int(conf, "encode_batch", 0, 256)
+            self.profiles = {
+                n: replace(p, inference=replace(p.inference, encode_batch=batch)) for n, p in self.profiles.items()
+            }
         device = conf.get("device") or None
         cache_mb = conf.get("embedding_cache_mb")
         self.segmenters = {

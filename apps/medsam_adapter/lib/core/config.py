@@ -19,8 +19,19 @@ TRAINABLE_PARTS = (
 )
 INTENSITY_MODES = ("auto", "ct", "percentile", "minmax")
 # image-encoder runtimes (lib/serving/runtimes.py); auto: on a CPU with OpenVINO, openvino_fp32 or, where bf16
-# is native, the faster of it and openvino_mixed measured there; torch_fp16 on CUDA
-ENCODER_RUNTIMES = ("auto", "torch", "torch_bf16", "torch_fp16", "openvino_fp32", "openvino_bf16", "openvino_mixed")
+# is native, the faster of it and openvino_mixed measured there; on CUDA the fastest of cuda_graph_fp16,
+# cuda_graph (the encoder replayed from CUDA graphs, lib/serving/cuda_graphs.py) and torch_fp16 measured there
+ENCODER_RUNTIMES = (
+    "auto",
+    "torch",
+    "torch_bf16",
+    "torch_fp16",
+    "openvino_fp32",
+    "openvino_bf16",
+    "openvino_mixed",
+    "cuda_graph",
+    "cuda_graph_fp16",
+)
 # mask-decoder runtimes (lib/serving/decoder_runtime.py); auto: OpenVINO fp32 on a CPU where installed;
 # openvino_bf16: bf16 where the CPU computes it natively (fp32 elsewhere)
 DECODER_RUNTIMES = ("auto", "torch", "openvino_fp32", "openvino_bf16")
@@ -173,6 +184,9 @@ class InferenceSettings:
     volume_cache_mb: int = 1024
     encoder_runtime: str = "auto"  # one of ENCODER_RUNTIMES
     decoder_runtime: str = "auto"  # one of DECODER_RUNTIMES
+    # concurrent requests' slices encoded as one batch of up to this many (lib/serving/encode_batching.py):
+    # 0 (auto) is 8 on CUDA and 1 (each alone) on a CPU
+    encode_batch: int = 0
 
 
 @dataclass(frozen=True)
@@ -292,6 +306,8 @@ def parse_profile(data: dict[str, Any], source: Path | None = None) -> ModelProf
             raise ProfileError(f"{where}: [inference].{option} must be auto, always or never")
     check_encoder_runtime(inference.encoder_runtime, f"{where}: [inference].encoder_runtime")
     check_encoder_runtime(inference.decoder_runtime, f"{where}: [inference].decoder_runtime", DECODER_RUNTIMES)
+    if not 0 <= inference.encode_batch <= 256:
+        raise ProfileError(f"{where}: [inference].encode_batch must be between 0 (auto) and 256")
     if not inference.lone_click_recentre_growth > 0:
         raise ProfileError(f"{where}: [inference].lone_click_recentre_growth must be above 0 (inf: any size)")
     for option in ("lone_click_alone_margin", "lone_click_adapter_margin", "repair_logit"):

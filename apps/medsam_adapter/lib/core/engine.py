@@ -229,9 +229,11 @@ class InteractiveSegmenter:
             load_shipped_head(self.profile, model)  # the head shipped for the base model's embedding, if any
         model.to(self.device).eval()
         from ..serving.decoder_runtime import RuntimeDecoder  # OpenVINO graph built in the background
+        from ..serving.encode_batching import batch_size_for
         from ..serving.runtimes import RuntimeEncoder  # the profile's encoder runtime, prepared on first use
 
-        encode = RuntimeEncoder(model, self.profile.inference.encoder_runtime)
+        batch = batch_size_for(self.profile.inference.encode_batch, self.device)
+        encode = RuntimeEncoder(model, self.profile.inference.encoder_runtime, max_batch=batch)
         decode = RuntimeDecoder(model, self.profile.inference.decoder_runtime)
         return LoadedModel(model, version, f"{self.profile.name}:{fingerprint}", kind == "shipped", encode, decode)
 

@@ -49,8 +49,12 @@ def cpu_model() -> str:
     return f"{fields['model name']} (family {fields.get('cpu family', '?')}, model {fields.get('model', '?')})"
 
 
-def machine_tag(engine_version: str | None) -> str:
-    """What a measured choice holds for: CPU model, torch threads (the runtimes' thread count), engine version."""
+def machine_tag(engine_version: str | None, device: torch.device | str = "cpu") -> str:
+    """What a measured choice holds for: CPU model, torch threads (the runtimes' thread count), engine version;
+    on CUDA the GPU's name and torch's version instead of the thread count and OpenVINO."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return f"{cpu_model()}|cuda={torch.cuda.get_device_name(device)}|torch={torch.__version__}"
     return f"{cpu_model()}|threads={torch.get_num_threads()}|openvino={engine_version}"
 
 
@@ -86,6 +90,7 @@ def fastest(runtimes: Sequence, probe: Tensor, repeats: int = REPEATS) -> tuple[
     rounds that run each once in turn (interleaved, so a change in the machine's load while measuring hits
     every runtime alike)."""
     times: dict[str, list[float]] = {r.name: [] for r in runtimes}
+    cuda = probe.device.type == "cuda"
     with torch.inference_mode():
         for r in runtimes:
             r.encode(probe)
@@ -94,8 +99,11 @@ def fastest(runtimes: Sequence, probe: Tensor, repeats: int = REPEATS) -> tuple[
             for r in runtimes:
                 start = time.perf_counter()
                 r.encode(probe)
+                if cuda:  # kernels run asynchronously: time them to the end
+                    torch.cuda.synchronize(probe.device)
                 times[r.name].append((time.perf_counter() - start) * 1e3)
-        share = cpu_share(time.process_time() - cpu_start, time.perf_counter() - wall_start)
+        # on a GPU the host mostly waits: its CPU share says nothing about other work
+        share = 1.0 if cuda else cpu_share(time.process_time() - cpu_start, time.perf_counter() - wall_start)
     timings = {name: statistics.median(values) for name, values in times.items()}
     return min(runtimes, key=lambda r: timings[r.name]), timings, share
 

@@ -52,6 +52,8 @@ from ..core.adapters import inert_adapters_skipped
 from ..core.config import ENCODER_RUNTIMES
 from ..core.model import AdaptedSam
 from . import auto_runtime
+from .cuda_graphs import GraphedEncoder
+from .encode_batching import EncodeBatcher
 
 logger = logging.getLogger(__name__)
 
@@ -81,6 +83,8 @@ SPECS = {
     "openvino_fp32": RuntimeSpec("openvino_fp32", "openvino", "fp32", 1e-3),
     "openvino_bf16": RuntimeSpec("openvino_bf16", "openvino", "bf16", 0.1),
     "openvino_mixed": RuntimeSpec("openvino_mixed", "openvino", "mixed", 0.03),
+    "cuda_graph": RuntimeSpec("cuda_graph", "cuda_graph", "fp32", 1e-3),
+    "cuda_graph_fp16": RuntimeSpec("cuda_graph_fp16", "cuda_graph", "fp16", 0.01),
 }
 assert set(SPECS) | {"auto"} == set(ENCODER_RUNTIMES)
 
@@ -148,8 +152,8 @@ def candidates(name: str, device: torch.device | str = "cpu") -> list[str]:
         raise ValueError(f"unknown encoder runtime {name!r}; known: {list(ENCODER_RUNTIMES)}")
     device = torch.device(device)
     if name == "auto":
-        if device.type == "cuda":
-            order = ["torch_fp16"]
+        if device.type == "cuda":  # the fastest of these, measured (lib/serving/auto_runtime.py)
+            order = ["cuda_graph_fp16", "cuda_graph", "torch_fp16"]
         elif openvino_version() is not None:
             # both keep the masks; with more than one, RuntimeEncoder serves the faster (lib/serving/auto_runtime.py)
             order = ["openvino_mixed", "openvino_fp32"] if cpu_has_native_bf16() else ["openvino_fp32"]
@@ -209,14 +213,15 @@ def relative_error(value: Tensor, reference: Tensor) -> float:
 
 
 # -- torch --------------------------------------------------------------------------------------------
-def torch_encoder(model: AdaptedSam, precision: str) -> Encode:
-    """The model's own encode; bf16/fp16 under ``torch.autocast``, the embedding returned as fp32."""
+def torch_encoder(model: AdaptedSam, precision: str, autocast_cache: bool = True) -> Encode:
+    """The model's own encode; bf16/fp16 under ``torch.autocast``, the embedding returned as fp32
+    (``autocast_cache=False`` for CUDA graph capture, which must not keep cast weights from the capture)."""
     if precision == "fp32":
         return model.encode
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[precision]
 
     def encode(image01: Tensor) -> Tensor:
-        with torch.autocast(image01.device.type, dtype=dtype):
+        with torch.autocast(image01.device.type, dtype=dtype, cache_enabled=autocast_cache):
             return model.encode(image01).float()
 
     return encode
@@ -497,6 +502,18 @@ def build_runtime(model: AdaptedSam, name: str, cache_dir: Path | None = None, k
                 built = BuiltRuntime(name, model.encode, 0.0, 0.0, False)
                 return built
             encode = torch_encoder(model, spec.precision)
+        elif spec.engine == "cuda_graph":
+            if model.device.type != "cuda":
+                raise RuntimeUnavailable(f"{name} needs CUDA; the model is on {model.device}")
+            probe = probe_input(model).to(model.device)
+            try:
+                encode = GraphedEncoder(
+                    torch_encoder(model, spec.precision, autocast_cache=False), tuple(probe.shape[1:]), model.device
+                )
+                with torch.inference_mode():
+                    encode(probe)  # captures the single-slice graph now
+            except Exception as e:  # noqa: BLE001 - capture failed: say why, let the caller fall back
+                raise RuntimeUnavailable(f"{name}: CUDA graph capture failed: {type(e).__name__}: {e}") from e
         else:
             if model.device.type != "cpu":
                 raise RuntimeUnavailable(f"{name} runs on the CPU; the model is on {model.device}")
@@ -546,15 +563,19 @@ def forget_runtime(model: AdaptedSam, name: str, key: str) -> None:
 class RuntimeEncoder:
     """The ``encode`` a served model version uses: the first of the configured runtime's candidates that
     builds and verifies, prepared on first use (thread-safe; cheap to construct), torch fp32 as the last
-    resort. The model's encoder must not change afterwards (served model versions are immutable)."""
+    resort. The model's encoder must not change afterwards (served model versions are immutable).
+    ``max_batch`` above 1 runs concurrent callers' inputs as one batch (:mod:`.encode_batching`)."""
 
-    def __init__(self, model: AdaptedSam, runtime: str = "auto", cache_dir: Path | None = None) -> None:
+    def __init__(
+        self, model: AdaptedSam, runtime: str = "auto", cache_dir: Path | None = None, max_batch: int = 1
+    ) -> None:
         self.model = model
         self.runtime = runtime
         self.cache_dir = cache_dir
         self._built: BuiltRuntime | None = None
         self._lock = threading.Lock()
         self.failures: dict[str, str] = {}
+        self.batcher = EncodeBatcher(lambda x: self.prepare().encode(x), max_batch)
 
     @property
     def name(self) -> str | None:
@@ -578,6 +599,8 @@ class RuntimeEncoder:
                 if self._built is not None:
                     break
             assert self._built is not None  # torch fp32 always builds
+            if isinstance(self._built.encode, GraphedEncoder) and self.batcher.max_batch > 1:
+                self._built.encode.capture(range(2, self.batcher.max_batch + 1))  # every batch the batcher runs
             if self.runtime not in ("auto", self._built.name):
                 logger.error("encoder runtime %s was asked for; using %s instead", self.runtime, self._built.name)
             logger.info(
@@ -591,7 +614,7 @@ class RuntimeEncoder:
             return self._built
 
     def __call__(self, image01: Tensor) -> Tensor:
-        return self.prepare().encode(image01)
+        return self.batcher(image01)
 
     def _try(self, name: str, key: str) -> BuiltRuntime | None:
         try:
@@ -605,7 +628,7 @@ class RuntimeEncoder:
         """The fastest of ``names`` that build, measured on the probe image, or the one remembered as
         fastest for this encoder on this machine (lib/serving/auto_runtime.py). None: none builds."""
         cache_dir = self.cache_dir or default_cache_dir()
-        tag = auto_runtime.machine_tag(openvino_version())
+        tag = auto_runtime.machine_tag(openvino_version(), self.model.device)
         known = auto_runtime.remembered(cache_dir, key, tag)
         if known in names and (built := self._try(known, key)) is not None:
             return built
