@@ -511,7 +511,7 @@ def build_runtime(model: AdaptedSam, name: str, cache_dir: Path | None = None, k
                     torch_encoder(model, spec.precision, autocast_cache=False), tuple(probe.shape[1:]), model.device
                 )
                 with torch.inference_mode():
-                    encode(probe)  # captures the single-slice graph now
+                    encode.capture([1], strict=True)  # the single-slice graph, now
             except Exception as e:  # noqa: BLE001 - capture failed: say why, let the caller fall back
                 raise RuntimeUnavailable(f"{name}: CUDA graph capture failed: {type(e).__name__}: {e}") from e
         else:
