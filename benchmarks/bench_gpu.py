@@ -105,8 +105,8 @@ def encoder_rows(device: torch.device, repeats: int) -> dict:
         if "ms_per_slice" in row:
             row["speedup_vs_torch_fp32"] = round(base / row["ms_per_slice"], 2)
     print(f"\nencoder on {device} ({len(slices)} slices x 3 prompts; medians of {repeats})")
-    print(f"{'runtime':16s} {'ms/slice':>9s} {'batch 8':>9s} {'vs fp32':>8s} {'emb err':>9s} {'Dice':>7s} {'min':>7s}")
     print("auto serves", rows["auto"]["serves"])
+    print(f"{'runtime':16s} {'ms/slice':>9s} {'batch 8':>9s} {'vs fp32':>8s} {'emb err':>9s} {'Dice':>7s} {'min':>7s}")
     for name, r in rows.items():
         if name == "auto":
             continue
@@ -116,7 +116,7 @@ def encoder_rows(device: torch.device, repeats: int) -> dict:
 
 
 def opening_items() -> list[tuple]:
-    """(scan, volume, label, k, click ijk): every labelled slice of each shipped scan's largest structure."""
+    """(scan, volume, k, click ijk): every labelled slice of each shipped scan's largest structure."""
     items = []
     for name in SCANS:
         volume, label = load_volume(SAMPLE / f"{name}.nii.gz"), load_volume(SAMPLE / "reference" / f"{name}.nii.gz")
@@ -225,8 +225,9 @@ def propagation_rows(profile, device: torch.device) -> dict:
         got = result.label > 0
         out[name] = {
             "ms_per_slice": round(seconds * 1e3 / volume.shape[2], 1),
-            "dice_3d": round(2 * float((got & truth).sum()) / float(got.sum() + truth.sum()), 4),
+            "dice_3d": round(dice(got, truth), 4),
             "slices": volume.shape[2],
+            "served_by": segmenter.current().encode.name,  # another runtime where this one is unavailable
         }
         print(f"3D propagation {name}: {out[name]}", flush=True)
     return out
