@@ -122,13 +122,3 @@ def test_auto_batches_on_cuda_only_and_bad_settings_are_clear_errors():
         parse_profile({**data, "inference": {"encode_batch": 1000}})
     with pytest.raises(ProfileError, match="encode_batch must be a"):
         parse_profile({**data, "inference": {"encode_batch": "many"}})
-
-
-def test_the_servers_encode_batch_option_is_checked_once_with_a_clear_message():
-    from main import _conf_int
-
-    assert _conf_int({"encode_batch": " 8 "}, "encode_batch", 0, 256) == 8
-    with pytest.raises(ProfileError, match="--conf encode_batch: expected a whole number, got 'eight'"):
-        _conf_int({"encode_batch": "eight"}, "encode_batch", 0, 256)
-    with pytest.raises(ProfileError, match="must be between 0 and 256, got 300"):
-        _conf_int({"encode_batch": "300"}, "encode_batch", 0, 256)

@@ -56,6 +56,7 @@ from monailabel.tasks.activelearning.first import First
 from monailabel.tasks.activelearning.random import Random
 
 from lib.activelearning import HeadUncertaintyScoring, UncertaintyStrategy
+from lib.conf_values import conf_flag, conf_float, conf_int
 from lib.core.config import (
     DECODER_RUNTIMES,
     ENCODER_RUNTIMES,
@@ -76,29 +77,10 @@ logger = logging.getLogger(__name__)
 DEFAULT_PROFILE = "lite_medsam"
 
 
-def _conf_flag(conf: dict[str, str], key: str, default: bool) -> bool:
-    value = str(conf.get(key, default)).strip().lower()
-    if value in ("true", "1", "yes", "on"):
-        return True
-    if value in ("false", "0", "no", "off"):
-        return False
-    raise ProfileError(f"--conf {key}: expected true or false, got {conf[key]!r}")
-
-
-def _conf_int(conf: dict[str, str], key: str, low: int, high: int) -> int:
-    try:
-        value = int(str(conf[key]).strip())
-    except ValueError:
-        raise ProfileError(f"--conf {key}: expected a whole number, got {conf[key]!r}") from None
-    if not low <= value <= high:
-        raise ProfileError(f"--conf {key}: must be between {low} and {high}, got {value}")
-    return value
-
-
 class MedSamAdapterApp(MONAILabelApp):
     def __init__(self, app_dir: str, studies: str, conf: dict[str, str]) -> None:
         self.profiles = self._select_profiles(Path(app_dir) / "configs", conf.get("models", ""))
-        if not _conf_flag(conf, "shipped_adapters", True):
+        if not conf_flag(conf, "shipped_adapters", True, ProfileError):
             self.profiles = {n: replace(p, adapter_checkpoint=None) for n, p in self.profiles.items()}
         for key, known in (("encoder_runtime", ENCODER_RUNTIMES), ("decoder_runtime", DECODER_RUNTIMES)):
             if conf.get(key):
@@ -107,25 +89,29 @@ class MedSamAdapterApp(MONAILabelApp):
                     n: replace(p, inference=replace(p.inference, **{key: runtime})) for n, p in self.profiles.items()
                 }
         if conf.get("encode_batch"):
-            batch = _conf_int(conf, "encode_batch", 0, 256)
+            batch = conf_int(conf, "encode_batch", 0, 0, 256, ProfileError)
             self.profiles = {
                 n: replace(p, inference=replace(p.inference, encode_batch=batch)) for n, p in self.profiles.items()
             }
         device = conf.get("device") or None
-        cache_mb = conf.get("embedding_cache_mb")
+        cache_mb = None  # the profiles' own size
+        if str(conf.get("embedding_cache_mb", "")).strip():
+            cache_mb = conf_float(conf, "embedding_cache_mb", 0, 0, ProfileError)
         self.segmenters = {
             name: InteractiveSegmenter(
                 p,
                 adapter_dir=Path(app_dir) / "model" / name / "adapters",
                 device=device,
-                embedding_cache_mb=float(cache_mb) if cache_mb is not None else None,
+                embedding_cache_mb=cache_mb,
             )
             for name, p in self.profiles.items()
         }
         if conf.get("adapter_version"):
+            version = conf_int(conf, "adapter_version", 0, 1, 10**9, ProfileError)
             for segmenter in self.segmenters.values():
-                segmenter.pinned_version = int(conf["adapter_version"])
-        self.auto_train_after = int(conf.get("auto_train_after", "0") or 0)
+                segmenter.pinned_version = version
+        self.auto_train_after = conf_int(conf, "auto_train_after", 0, 0, 10**6, ProfileError)
+        self.training_nice = conf_int(conf, "training_nice", 10, 0, 19, ProfileError)
         self._label_count_lock = threading.Lock()  # saves arrive on several worker threads at once
         self.max_upload_mb = max_upload_mb(conf)
         super().__init__(
@@ -136,7 +122,7 @@ class MedSamAdapterApp(MONAILabelApp):
             description="LiteMedSAM / SAM / MedSAM with adapters: boxes, clicks, refinement, 3D propagation",
             version="0.1.0",
         )
-        self._warm_up_wanted = _conf_flag(conf, "warm_up", True)
+        self._warm_up_wanted = conf_flag(conf, "warm_up", True, ProfileError)
 
     def on_init_complete(self) -> None:
         """The server started (not called in MONAI Label's training subprocess): warm up in the background."""
@@ -208,7 +194,7 @@ class MedSamAdapterApp(MONAILabelApp):
                 Path(self.app_dir) / "model" / name,
                 defaults,
                 dicomweb_url=self.dicomweb_url(),
-                nice=int(self.conf.get("training_nice", "10") or 0),
+                nice=self.training_nice,
             )
             for n, (name, segmenter) in enumerate(self.segmenters.items())
         }

@@ -35,7 +35,10 @@ from collections.abc import Callable, Hashable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from enum import IntEnum
+from functools import partial
 from typing import Any
+
+from ..conf_values import conf_flag, conf_int
 
 logger = logging.getLogger(__name__)
 
@@ -88,26 +91,6 @@ class ServingConfigError(ValueError):
     """A ``--conf`` serving option has a value that cannot be used."""
 
 
-def _flag(conf: dict[str, str], key: str, default: bool) -> bool:
-    value = str(conf.get(key, default)).strip().lower()
-    if value in ("true", "1", "yes", "on"):
-        return True
-    if value in ("false", "0", "no", "off"):
-        return False
-    raise ServingConfigError(f"--conf {key}: expected true or false, got {conf[key]!r}")
-
-
-def _int(conf: dict[str, str], key: str, default: int, low: int, high: int) -> int:
-    raw = conf.get(key, default)
-    try:
-        value = int(str(raw).strip())
-    except ValueError:
-        raise ServingConfigError(f"--conf {key}: expected a whole number, got {raw!r}") from None
-    if not low <= value <= high:
-        raise ServingConfigError(f"--conf {key}: must be between {low} and {high}, got {value}")
-    return value
-
-
 @dataclass(frozen=True)
 class SchedulerSettings:
     """``--conf`` options of the serving layer, parsed once (see :meth:`from_conf`)."""
@@ -127,17 +110,19 @@ class SchedulerSettings:
     def from_conf(cls, conf: dict[str, str] | None) -> SchedulerSettings:
         conf = dict(conf or {})
         d = cls()
+        flag = partial(conf_flag, conf, error=ServingConfigError)
+        whole = partial(conf_int, conf, error=ServingConfigError)
         return cls(
-            enabled=_flag(conf, "scheduler", d.enabled),
-            general_workers=_int(conf, "scheduler_workers", d.general_workers, 1, 64),
-            click_lane=_flag(conf, "scheduler_click_lane", d.click_lane),
-            queue_limit=_int(conf, "scheduler_queue_limit", d.queue_limit, 1, 100_000),
-            client_queue_limit=_int(conf, "scheduler_client_queue_limit", d.client_queue_limit, 1, 100_000),
-            prefetch_slices=_int(conf, "prefetch_slices", d.prefetch_slices, 0, 64),
-            prefetch_queue_limit=_int(conf, "prefetch_queue_limit", d.prefetch_queue_limit, 1, 100_000),
-            prefetch_on_open=_flag(conf, "prefetch_on_open", d.prefetch_on_open),
-            torch_threads=_int(conf, "scheduler_torch_threads", d.torch_threads, 0, 1024),
-            worker_nice=_int(conf, "scheduler_worker_nice", d.worker_nice, 0, 19),
+            enabled=flag("scheduler", d.enabled),
+            general_workers=whole("scheduler_workers", d.general_workers, 1, 64),
+            click_lane=flag("scheduler_click_lane", d.click_lane),
+            queue_limit=whole("scheduler_queue_limit", d.queue_limit, 1, 100_000),
+            client_queue_limit=whole("scheduler_client_queue_limit", d.client_queue_limit, 1, 100_000),
+            prefetch_slices=whole("prefetch_slices", d.prefetch_slices, 0, 64),
+            prefetch_queue_limit=whole("prefetch_queue_limit", d.prefetch_queue_limit, 1, 100_000),
+            prefetch_on_open=flag("prefetch_on_open", d.prefetch_on_open),
+            torch_threads=whole("scheduler_torch_threads", d.torch_threads, 0, 1024),
+            worker_nice=whole("scheduler_worker_nice", d.worker_nice, 0, 19),
         )
 
 
