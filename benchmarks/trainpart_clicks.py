@@ -1,7 +1,8 @@
 """Click sessions on training data, the way the server answers them: where click handling is tuned.
 
-    .venv/bin/python benchmarks/trainpart_clicks.py [--cases selection|multipart|abdomen] [--methods shipped,NAME=PATH]
-        [--inference KEY=VALUE] [--clicks 8] [--slices 3] [--embedding-store DIR] [--out results.json]
+    .venv/bin/python benchmarks/trainpart_clicks.py [--cases selection|multipart|abdomen|fullres]
+        [--methods shipped,NAME=PATH] [--inference KEY=VALUE] [--clicks 8] [--slices 3] [--embedding-store DIR]
+        [--out results.json]
 
 ``--cases selection`` (default): the click trainer's checkpoint-selection objects of ``--data full``
 (``scripts/train_click_adapter.py``: hippocampus, fetal-head, cardiac MR and AMOS CT cases set aside from
@@ -9,8 +10,10 @@ the train parts; never trained on). ``--cases multipart``: objects in several pi
 click adapter's training data — every MS lesion of ``../shared/data/mr_ms_lesions`` patient26 (the MS train
 part; up to 11 lesions a slice) and both kidneys of the sample abdomen CT as one object. ``--cases
 abdomen``: every structure of the sample abdomen CT and MR (TotalSegmentator references; organs, muscles,
-bowel), also training data. Sessions run through the same ``InteractiveSegmenter`` the infer tasks use
-(simulated annotator: a click at the most interior point of the largest error, previous answer fed back;
+bowel), also training data. ``--cases fullres``: whole 512 x 512 CT slices (the TotalSegmentator DICOM series,
+the dcmqi 3-slice series), larger than the model's input. Sessions run through the same
+``InteractiveSegmenter`` the infer tasks use (simulated annotator: a click at the most interior point of the
+largest error, previous answer fed back;
 ``--slices`` slices per structure, seed 0). Prints each set's Dice after 1..N clicks and the mean of the set
 means, the numbers the README's "chosen on train parts" tables report. The held-out sets (validation parts,
 BraTS, DeepLesion) are for ``benchmarks/readme_results.sh``, run once on what this chose.
@@ -34,7 +37,13 @@ from evaluate import backend_for  # noqa: E402  (also puts the app on sys.path)
 from train_click_adapter import data_volumes  # noqa: E402
 
 from lib.core.config import ProfileError, setting_pairs  # noqa: E402
-from lib.core.datasets import LabelledCase, case_folders, read_label_names, volume_pair  # noqa: E402
+from lib.core.datasets import (  # noqa: E402
+    LabelledCase,
+    case_folders,
+    dicom_series_with_seg,
+    read_label_names,
+    volume_pair,
+)
 from lib.core.evaluation import EvalSettings, dice_curve, evaluate_cases, records_as_dicts  # noqa: E402
 from lib.core.training import as_volume  # noqa: E402
 
@@ -77,7 +86,22 @@ def abdomen_cases() -> list[LabelledCase]:
             for name in ("abdomen_ct", "abdomen_mr")]
 
 
-CASES = {"selection": selection_cases, "multipart": multipart_cases, "abdomen": abdomen_cases}
+def fullres_cases() -> list[LabelledCase]:
+    """Whole 512 x 512 CT slices, larger than the model's input (where zooming in on corrections can show
+    detail the whole slice loses): the 20-slice TotalSegmentator DICOM series (liver, spleen, stomach, aorta;
+    a reference, not ground truth) when ../shared/data is there, and the 3-slice dcmqi series (liver) of
+    sample-data; neither is in the click adapter's training data or in the held-out sets."""
+    dicom = ROOT / "sample-data" / "dicom"
+    cases = [dicom_series_with_seg(dicom / "ct_dcmqi_3slice", dicom / "ct_dcmqi_seg" / "liver.dcm", "ct_dcmqi_3slice")]
+    series = SHARED / "dicom" / "ct_totalseg_series"
+    if series.is_dir():
+        seg = next((SHARED / "dicom" / "ct_totalseg_seg").glob("*.dcm"))
+        cases.insert(0, dicom_series_with_seg(series, seg, "ct_totalseg_series"))
+    return cases
+
+
+CASES = {"selection": selection_cases, "multipart": multipart_cases, "abdomen": abdomen_cases,
+         "fullres": fullres_cases}
 
 
 def set_curves(cases: list[LabelledCase], records) -> dict[str, dict]:
@@ -106,7 +130,8 @@ def main() -> None:
         help="override a profile [inference] setting (repeatable)",
     )
     parser.add_argument("--cases", choices=tuple(CASES), default="selection",
-                        help="the trainer's selection objects, objects in several pieces, or every abdomen structure")
+                        help="the trainer's selection objects, objects in several pieces, every abdomen "
+                             "structure, or whole 512 x 512 CT slices")
     parser.add_argument("--clicks", type=int, default=8)
     parser.add_argument("--slices", type=int, default=3, help="slices per structure")
     parser.add_argument("--first-click-depth", type=float, default=1.0,
