@@ -114,6 +114,7 @@ class MedSamAdapterApp(MONAILabelApp):
         self.training_nice = conf_int(conf, "training_nice", 10, 0, 19, ProfileError)
         self._label_count_lock = threading.Lock()  # saves arrive on several worker threads at once
         self.max_upload_mb = max_upload_mb(conf)
+        self._warm_up_wanted = conf_flag(conf, "warm_up", True, ProfileError)
         super().__init__(
             app_dir=app_dir,
             studies=studies,
@@ -122,7 +123,6 @@ class MedSamAdapterApp(MONAILabelApp):
             description="LiteMedSAM / SAM / MedSAM with adapters: boxes, clicks, refinement, 3D propagation",
             version="0.1.0",
         )
-        self._warm_up_wanted = conf_flag(conf, "warm_up", True, ProfileError)
 
     def on_init_complete(self) -> None:
         """The server started (not called in MONAI Label's training subprocess): warm up in the background."""

@@ -38,14 +38,20 @@ def conf_int(
 
 
 def conf_float(
-    conf: dict[str, str], key: str, default: float, low: float, error: type[Exception] = ValueError
+    conf: dict[str, str],
+    key: str,
+    default: float,
+    low: float,
+    error: type[Exception] = ValueError,
+    above: bool = False,
 ) -> float:
-    """A finite number at least ``low``."""
+    """A finite number at least ``low`` (``above``: greater than ``low``)."""
     raw = _raw(conf, key, default)
     try:
         value = float(raw)
     except ValueError:
         raise error(f"--conf {key}: expected a number, got {conf[key]!r}") from None
-    if not math.isfinite(value) or value < low:
-        raise error(f"--conf {key}: must be a finite number of at least {low:g}, got {raw}")
+    if not math.isfinite(value) or value < low or (above and value == low):
+        bound = f"above {low:g}" if above else f"of at least {low:g}"
+        raise error(f"--conf {key}: must be a finite number {bound}, got {raw}")
     return value

@@ -29,6 +29,7 @@ from filelock import FileLock
 from monailabel.datastore.local import DataModel, ImageLabelModel, LocalDatastore, LocalDatastoreModel
 from watchdog.events import FileSystemEvent
 
+from lib.conf_values import conf_float
 from lib.core.atomic import atomic_write
 from lib.core.volume import VolumeError, label_problem, load_volume
 
@@ -40,15 +41,8 @@ FILE_MODE = 0o644  # what shutil.copy would give; mkstemp's 0600 would hide file
 
 
 def max_upload_mb(conf: dict[str, str] | None) -> float:
-    """The upload limit in MiB from ``--conf max_upload_mb`` (default 2048)."""
-    raw = (conf or {}).get("max_upload_mb", DEFAULT_MAX_UPLOAD_MB)
-    try:
-        value = float(raw)
-    except (TypeError, ValueError):
-        raise ValueError(f"--conf max_upload_mb: expected a number of MiB, got {raw!r}") from None
-    if not value > 0:
-        raise ValueError(f"--conf max_upload_mb must be positive, got {raw!r}")
-    return value
+    """The upload limit in MiB from ``--conf max_upload_mb`` (default 2048; a finite number above 0)."""
+    return conf_float(conf or {}, "max_upload_mb", DEFAULT_MAX_UPLOAD_MB, 0, above=True)
 
 
 def check_name(value: str, what: str) -> str:
