@@ -62,6 +62,17 @@ def recentred_boxes(box_logits: np.ndarray, boxes: list[Box], shape: tuple[int, 
     return moved
 
 
+def tight_box(mask: np.ndarray, pad: tuple[float, float] = (0.0, 0.0)) -> Box | None:
+    """The bounding box of a mask, pushed out by ``pad`` (rows, cols) pixels and clipped to the slice; None
+    for an empty mask."""
+    rows, cols = np.nonzero(mask)
+    if not len(rows):
+        return None
+    limit_r, limit_c = mask.shape[0] - 1, mask.shape[1] - 1
+    return (max(0, int(np.floor(rows.min() - pad[0]))), max(0, int(np.floor(cols.min() - pad[1]))),
+            min(limit_r, int(np.ceil(rows.max() + pad[0]))), min(limit_c, int(np.ceil(cols.max() + pad[1]))))
+
+
 def stability(logits: np.ndarray, offset: float = 1.0) -> float:
     """SAM's stability score: the mask at logit > +offset over the mask at logit > -offset (1: a sharp
     edge that a shifted threshold does not move; low: a blurry, uncertain answer). 0 for an empty mask."""

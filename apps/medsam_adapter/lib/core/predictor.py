@@ -21,6 +21,9 @@ from .clicks import (
     pick_scale,
     recentred_boxes,
     respect_clicks,
+    side_contact,
+    stability,
+    tight_box,
     undecided_near_wrong_clicks,
 )
 from .config import InferenceSettings, PreprocessSettings
@@ -411,6 +414,10 @@ class SlicePredictor:
         else:
             i -= len(clicked)
             chosen, low_res, iou, margin = logits[i], low_res_all[i : i + 1], float(ious[i, 0]), 0.0
+        if settings.lone_click_refit > 0 and bare is not None:
+            refit = self._refit(frame, base_embedding, bare, chosen, click, honour, max_area)
+            if refit is not None:
+                return refit
         moved = recentred_boxes(logits, boxes, shape) if settings.lone_click_recentre else []
         if moved:  # one more decoder pass: the boxes moved onto their answers, at most so much larger
             more_logits, more_low_res, more_ious = answers(moved)
@@ -420,6 +427,40 @@ class SlicePredictor:
             if j > 0:
                 return more_logits[j - 1] > 0, more_low_res[j - 1 : j], float(more_ious[j - 1, 0])
         return chosen > 0, low_res, iou
+
+    def _refit(
+        self,
+        frame: LetterboxFrame,
+        base_embedding: Tensor,
+        bare: LoadedModel,
+        chosen: np.ndarray,
+        click: tuple[int, int],
+        honour: tuple[np.ndarray, np.ndarray] | None,
+        max_area: float = np.inf,
+    ) -> tuple[np.ndarray, Tensor, float] | None:
+        """The bare model's answer to the tight box of a lone click's chosen answer (``chosen``: slice
+        logits), pushed out by 2 model pixels: SAM answers a tight box best. It is taken (mask, low-res
+        logits, IoU) when it holds the click, gets the clicks of ``honour`` right, runs into no more than
+        ``lone_click_max_contact`` of the box's sides, holds at most ``max_area`` pixels, is at least as
+        stable as the chosen answer and overlaps it by IoU >= ``lone_click_refit`` (a refinement, not another
+        object); else None."""
+        settings, answer = self.inference, chosen > 0
+        box = tight_box(answer, (2.0 / frame.scale_r, 2.0 / frame.scale_c))
+        if box is None:
+            return None
+        model_box = torch.as_tensor(frame.box_to_model(*box), dtype=torch.float32, device=self.device)[None]
+        out = bare.decoder()(base_embedding, boxes=model_box)
+        logits = frame.logits_to_slice(out.low_res_logits)[0, 0].cpu().numpy()
+        mask = logits > 0
+        if not mask[click] or side_contact(mask, box) > settings.lone_click_max_contact or mask.sum() > max_area:
+            return None
+        fg, bg = (np.asarray(p, dtype=np.int64).reshape(-1, 2) for p in honour or ((), ()))
+        if (~mask[fg[:, 0], fg[:, 1]]).any() or mask[bg[:, 0], bg[:, 1]].any():
+            return None
+        iou = (mask & answer).sum() / max(1, (mask | answer).sum())
+        if iou < settings.lone_click_refit or stability(logits) < stability(chosen):
+            return None
+        return mask, out.low_res_logits, float(out.iou[0, 0])
 
     def auto_probabilities(
         self, image: np.ndarray, window: IntensityWindow, spacing: tuple[float, float] = (1.0, 1.0)
