@@ -130,9 +130,9 @@ class InferenceSettings:
     lone_click_recentre_growth: float = 1.5
     # ... then the bare model's answer to the kept answer's own tight box (2 model pixels of margin) replaces
     # it when it holds the click, does not run into the box's sides, is at least as stable and overlaps it by
-    # IoU >= lone_click_refit (0: off). Off: on whole 512 x 512 CT slices it gains (1 / 5 clicks +0.028 /
-    # +0.011), on the hippocampus it loses (1 click -0.026), where the bare model's boxes are weak (README,
-    # round 31); 0.5 for CT
+    # IoU >= lone_click_refit (0: off). Off: 0.5 gains a little on CT (whole 512 x 512 slices +0.005 after 5
+    # clicks) and loses on the hippocampus (1 click -0.026), where the bare model's boxes are weak (README,
+    # round 31)
     lone_click_refit: float = 0.0
     # with the profile's lone_click_checkpoint (shipped adapters only): the lone-click adapters' answer to
     # the click competes too, ahead unless another beats its stability by this margin / sqrt(its area)
