@@ -18,7 +18,6 @@ from lib.core.clicks import (
     respect_clicks,
     side_contact,
     stability,
-    tight_box,
     undecided_near_wrong_clicks,
 )
 from lib.core.config import InferenceSettings, PreprocessSettings
@@ -517,14 +516,6 @@ def test_a_lone_click_on_a_large_organ_is_answered_at_the_organs_scale():
             scores[name].append(dice(out.label[:, :, k] > 0, gt))
     assert all(g >= a for g, a in zip(scores["grown"], scores["alone"], strict=True)), scores
     assert np.mean(scores["grown"]) >= np.mean(scores["alone"]) + 0.25, scores
-
-
-def test_tight_box_is_the_masks_extent_pushed_out_and_clipped():
-    mask = np.zeros((20, 30), dtype=bool)
-    mask[5:9, 10:21] = True
-    assert tight_box(mask) == (5, 10, 8, 20)
-    assert tight_box(mask, (1.5, 12.0)) == (3, 0, 10, 29)
-    assert tight_box(np.zeros((4, 4), dtype=bool)) is None
 
 
 def test_a_lone_click_on_a_whole_ct_slice_can_be_refitted_to_its_answers_own_box():

@@ -122,6 +122,13 @@ def test_mask_box_is_inclusive_and_clipped():
     assert mask_box(np.zeros((3, 3), bool)) is None
 
 
+def test_mask_box_margins_per_axis_round_outward():
+    mask = np.zeros((20, 30), dtype=bool)
+    mask[5:9, 10:21] = True
+    assert mask_box(mask, (1.5, 12.0)) == (3, 0, 10, 29)
+    assert mask_box(mask, 0.5) == (4, 9, 9, 21)
+
+
 @pytest.mark.parametrize("name", ["spleen_ct.nii.gz", "abdomen_mr.nii.gz", "spine_t2_sct.nii.gz"])
 @pytest.mark.parametrize("ext", [".nrrd", ".nii.gz"])
 def test_written_label_has_the_image_geometry(tmp_path, name, ext):

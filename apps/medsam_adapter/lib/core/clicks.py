@@ -62,17 +62,6 @@ def recentred_boxes(box_logits: np.ndarray, boxes: list[Box], shape: tuple[int, 
     return moved
 
 
-def tight_box(mask: np.ndarray, pad: tuple[float, float] = (0.0, 0.0)) -> Box | None:
-    """The bounding box of a mask, pushed out by ``pad`` (rows, cols) pixels and clipped to the slice; None
-    for an empty mask."""
-    rows, cols = np.nonzero(mask)
-    if not len(rows):
-        return None
-    limit_r, limit_c = mask.shape[0] - 1, mask.shape[1] - 1
-    return (max(0, int(np.floor(rows.min() - pad[0]))), max(0, int(np.floor(cols.min() - pad[1]))),
-            min(limit_r, int(np.ceil(rows.max() + pad[0]))), min(limit_c, int(np.ceil(cols.max() + pad[1]))))
-
-
 def stability(logits: np.ndarray, offset: float = 1.0) -> float:
     """SAM's stability score: the mask at logit > +offset over the mask at logit > -offset (1: a sharp
     edge that a shifted threshold does not move; low: a blurry, uncertain answer). 0 for an empty mask."""
@@ -97,6 +86,13 @@ def side_contact(mask: np.ndarray, box: Box) -> float:
     return touched / total if total else 0.0
 
 
+def gets_a_click_wrong(mask: np.ndarray, clicks: tuple[np.ndarray, np.ndarray] | None) -> bool:
+    """Whether ``mask`` leaves a foreground click outside or holds a background click ((foreground,
+    background) (N, 2) row, col; None: no clicks)."""
+    fg, bg = (np.asarray(p, dtype=np.int64).reshape(-1, 2) for p in clicks or ((), ()))
+    return bool((~mask[fg[:, 0], fg[:, 1]]).any() or mask[bg[:, 0], bg[:, 1]].any())
+
+
 def pick_scale(
     clicked: Sequence[tuple[np.ndarray, float]],
     box_logits: np.ndarray,
@@ -118,20 +114,15 @@ def pick_scale(
     outside), nor box answers that do not hold ``held`` (the click; a re-centred box may move off it)
     (-1: none is)."""
     best, best_score = -1, -np.inf
-    fg, bg = (np.asarray(p, dtype=np.int64).reshape(-1, 2) for p in honour or ((), ()))
-
-    def wrong(mask: np.ndarray) -> bool:
-        return bool((~mask[fg[:, 0], fg[:, 1]]).any() or mask[bg[:, 0], bg[:, 1]].any())
-
     for j, (logits, margin) in enumerate(clicked):
         area = (logits > 0).sum() * pixel_area
         score = stability(logits) + margin / np.sqrt(max(1.0, area))
-        if area <= max_area and score > best_score and not wrong(logits > 0):
+        if area <= max_area and score > best_score and not gets_a_click_wrong(logits > 0, honour):
             best, best_score = j, score
     for i, box in enumerate(boxes):
         mask = box_logits[i] > 0
         if (not mask.any() or side_contact(mask, box) > max_contact or mask.sum() * pixel_area > max_area
-                or wrong(mask) or (held is not None and not mask[held])):
+                or gets_a_click_wrong(mask, honour) or (held is not None and not mask[held])):
             continue
         score = stability(box_logits[i])
         if score > best_score:

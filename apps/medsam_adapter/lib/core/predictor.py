@@ -17,18 +17,19 @@ from .clicks import (
     boxes_at_scales,
     correction_query,
     deep_negative,
+    gets_a_click_wrong,
     local_correction,
     pick_scale,
     recentred_boxes,
     respect_clicks,
     side_contact,
     stability,
-    tight_box,
     undecided_near_wrong_clicks,
 )
 from .config import InferenceSettings, PreprocessSettings
 from .model import AdaptedSam, Decoded, lone_click
 from .preprocess import IntensityWindow, LetterboxFrame, model_input
+from .prompts import mask_box
 
 
 @dataclass(frozen=True)
@@ -445,17 +446,15 @@ class SlicePredictor:
         stable as the chosen answer and overlaps it by IoU >= ``lone_click_refit`` (a refinement, not another
         object); else None."""
         settings, answer = self.inference, chosen > 0
-        box = tight_box(answer, (2.0 / frame.scale_r, 2.0 / frame.scale_c))
+        box = mask_box(answer, (2.0 / frame.scale_r, 2.0 / frame.scale_c))
         if box is None:
             return None
         model_box = torch.as_tensor(frame.box_to_model(*box), dtype=torch.float32, device=self.device)[None]
         out = bare.decoder()(base_embedding, boxes=model_box)
         logits = frame.logits_to_slice(out.low_res_logits)[0, 0].cpu().numpy()
         mask = logits > 0
-        if not mask[click] or side_contact(mask, box) > settings.lone_click_max_contact or mask.sum() > max_area:
-            return None
-        fg, bg = (np.asarray(p, dtype=np.int64).reshape(-1, 2) for p in honour or ((), ()))
-        if (~mask[fg[:, 0], fg[:, 1]]).any() or mask[bg[:, 0], bg[:, 1]].any():
+        if (not mask[click] or side_contact(mask, box) > settings.lone_click_max_contact or mask.sum() > max_area
+                or gets_a_click_wrong(mask, honour)):
             return None
         iou = (mask & answer).sum() / max(1, (mask | answer).sum())
         if iou < settings.lone_click_refit or stability(logits) < stability(chosen):

@@ -123,8 +123,9 @@ def points_on_slice(points: np.ndarray, k: int, axis: int) -> np.ndarray:
     return points[points[:, axis] == k] if len(points) else points
 
 
-def mask_box(mask: np.ndarray, margin: int = 0) -> tuple[int, int, int, int] | None:
-    """Inclusive bounding box (r0, c0, r1, c1) of a 2D mask, enlarged by ``margin`` and clipped."""
+def mask_box(mask: np.ndarray, margin: float | tuple[float, float] = 0) -> tuple[int, int, int, int] | None:
+    """Inclusive bounding box (r0, c0, r1, c1) of a 2D mask, enlarged by ``margin`` (:func:`grow_box`) and
+    clipped; None for an empty mask."""
     rows = np.flatnonzero(mask.any(axis=1))
     if rows.size == 0:
         return None
@@ -132,7 +133,12 @@ def mask_box(mask: np.ndarray, margin: int = 0) -> tuple[int, int, int, int] | N
     return grow_box((int(rows[0]), int(cols[0]), int(rows[-1]), int(cols[-1])), margin, mask.shape)
 
 
-def grow_box(box: tuple[int, int, int, int], margin: int, shape: tuple[int, ...]) -> tuple[int, int, int, int]:
-    """An inclusive box (r0, c0, r1, c1) enlarged by ``margin`` pixels and clipped to a 2D ``shape``."""
+def grow_box(
+    box: tuple[int, int, int, int], margin: float | tuple[float, float], shape: tuple[int, ...]
+) -> tuple[int, int, int, int]:
+    """An inclusive box (r0, c0, r1, c1) enlarged by ``margin`` pixels (one for both axes, or (rows, cols);
+    a fraction rounds outward) and clipped to a 2D ``shape``."""
     r0, c0, r1, c1 = box
-    return max(r0 - margin, 0), max(c0 - margin, 0), min(r1 + margin, shape[0] - 1), min(c1 + margin, shape[1] - 1)
+    mr, mc = margin if isinstance(margin, tuple) else (margin, margin)
+    return (max(math.floor(r0 - mr), 0), max(math.floor(c0 - mc), 0),
+            min(math.ceil(r1 + mr), shape[0] - 1), min(math.ceil(c1 + mc), shape[1] - 1))
