@@ -136,7 +136,7 @@ def one_round(args: argparse.Namespace) -> dict:
     settings = TrainSettings(
         max_epochs=args.epochs, steps_per_epoch=args.steps, batch_size=args.batch, learning_rate=args.lr,
         max_slices_per_volume=args.slices, seed=args.seed, train_encoder_adapters=args.encoder_adapters,
-        patience=args.epochs,
+        patience=args.epochs, encoder_checkpointing=args.encoder_checkpointing,
     )
     # a frozen, untrained encoder gives the base model's embeddings: kept on disk across configurations
     store = None if args.encoder_adapters or args.embedding_store is None else StoredEmbeddingCache(
@@ -171,6 +171,7 @@ def one_round(args: argparse.Namespace) -> dict:
         "epochs": result.epochs_run if result else 0,
         "steps_per_epoch": args.steps,
         "encoder_adapters_trained": args.encoder_adapters, "threads": torch.get_num_threads(),
+        "encoder_checkpointing": args.encoder_checkpointing,
     }
 
 
@@ -253,6 +254,9 @@ def main() -> None:
     parser.add_argument("--val-cases", type=int, default=10)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--encoder-adapters", action=argparse.BooleanOptionalAction, default=True)
+    parser.add_argument("--encoder-checkpointing", choices=["auto", "on", "off"], default="auto",
+                        help="activation checkpointing of the trained encoder (auto: on for depth); the same "
+                             "gradients, so only time and memory change")
     parser.add_argument("--three-d", action=argparse.BooleanOptionalAction, default=True,
                         help="BraTS: 3D Dice from one box per validation volume (the served propagation)")
     parser.add_argument("--embedding-store", type=Path, default=None,
@@ -303,7 +307,7 @@ def main() -> None:
     common = ["--epochs", str(args.epochs), "--steps", str(args.steps), "--batch", str(args.batch), "--lr",
               str(args.lr), "--slices", str(args.slices), "--val-cases", str(args.val_cases), "--seed", str(args.seed),
               "--encoder-adapters" if args.encoder_adapters else "--no-encoder-adapters",
-              "--three-d" if args.three_d else "--no-three-d",
+              "--three-d" if args.three_d else "--no-three-d", "--encoder-checkpointing", args.encoder_checkpointing,
               *(["--embedding-store", str(args.embedding_store)] if args.embedding_store else [])]
     runs = [(dataset, n, design, head) for dataset in args.datasets.split(",")
             for n in (int(v) for v in args.volumes.split(","))
