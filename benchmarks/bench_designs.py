@@ -5,6 +5,7 @@
         --epochs 1 --steps 4 --slices 4 --val-cases 2                            # a small configuration
     python3 benchmarks/bench_designs.py --jobs 8 --data DIR --out designs.json     # on a GPU machine
     .venv/bin/python benchmarks/bench_designs.py --step-cost --designs msa,depth    # one step, checkpointing off/on
+    .venv/bin/python benchmarks/bench_designs.py --step-cost --encoder-precision bf16  # fp32 and bf16 autocast
     .venv/bin/python benchmarks/bench_designs.py --step-cost --designs msa --front-stages 0,2,3  # the front kept
     .venv/bin/python benchmarks/bench_designs.py --encode-cost --designs msa,depth  # a new slice's encoder cost
 
@@ -137,6 +138,7 @@ def one_round(args: argparse.Namespace) -> dict:
         max_epochs=args.epochs, steps_per_epoch=args.steps, batch_size=args.batch, learning_rate=args.lr,
         max_slices_per_volume=args.slices, seed=args.seed, train_encoder_adapters=args.encoder_adapters,
         patience=args.epochs, encoder_checkpointing=args.encoder_checkpointing,
+        encoder_precision=args.encoder_precision,
     )
     # a frozen, untrained encoder gives the base model's embeddings: kept on disk across configurations
     store = None if args.encoder_adapters or args.embedding_store is None else StoredEmbeddingCache(
@@ -171,7 +173,7 @@ def one_round(args: argparse.Namespace) -> dict:
         "epochs": result.epochs_run if result else 0,
         "steps_per_epoch": args.steps,
         "encoder_adapters_trained": args.encoder_adapters, "threads": torch.get_num_threads(),
-        "encoder_checkpointing": args.encoder_checkpointing,
+        "encoder_checkpointing": args.encoder_checkpointing, "encoder_precision": args.encoder_precision,
     }
 
 
@@ -182,6 +184,7 @@ def step_cost(args: argparse.Namespace) -> dict:
     ``train_click_adapter.py --encoder-front-stages`` keeps it) and trains the later stages' adapters."""
     from lib.core.adapters import set_checkpointing
     from lib.core.encoder_stages import encode_back, encode_front, freeze_front
+    from lib.core.training import encoder_autocast
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     base = load_profile(APP / "configs" / "lite_medsam.toml")
@@ -194,13 +197,18 @@ def step_cost(args: argparse.Namespace) -> dict:
         freeze_front(model, args.front)
         with torch.no_grad():
             front = encode_front(model, x[:, 0], args.front)
-    start = time.time()
-    (encode_back(model, front, args.front) if args.front else model.encode(x)).square().mean().backward()
-    seconds = time.time() - start
+    times = []
+    for _ in range(args.step_repeats):
+        start = time.time()
+        with encoder_autocast(device, args.encoder_precision):
+            emb = encode_back(model, front, args.front) if args.front else model.encode(x)
+        emb.float().square().mean().backward()
+        times.append(time.time() - start)
     peak = peak_memory_mb(device)
     return {"design": args.design, "batch": args.batch, "checkpointing": args.checkpointing,
-            "front_stages_kept": args.front, "step_seconds": round(seconds, 1), "peak_memory_mb": round(peak, 1),
-            "threads": torch.get_num_threads()}
+            "encoder_precision": args.encoder_precision, "front_stages_kept": args.front,
+            "step_seconds": round(float(np.median(times)), 1), "steps_timed": [round(t, 1) for t in times],
+            "peak_memory_mb": round(peak, 1), "threads": torch.get_num_threads()}
 
 
 def encode_cost(designs: list[str], repeats: int) -> list[dict]:
@@ -257,6 +265,9 @@ def main() -> None:
     parser.add_argument("--encoder-checkpointing", choices=["auto", "on", "off"], default="auto",
                         help="activation checkpointing of the trained encoder (auto: on for depth); the same "
                              "gradients, so only time and memory change")
+    parser.add_argument("--encoder-precision", choices=["fp32", "bf16"], default="fp32",
+                        help="the trained encoder's passes under bf16 autocast (TrainSettings.encoder_precision); "
+                             "with --step-cost: time bf16 too")
     parser.add_argument("--three-d", action=argparse.BooleanOptionalAction, default=True,
                         help="BraTS: 3D Dice from one box per validation volume (the served propagation)")
     parser.add_argument("--embedding-store", type=Path, default=None,
@@ -270,6 +281,8 @@ def main() -> None:
     parser.add_argument("--front-stages", default="",
                         help="with --step-cost: time the step with the encoder's first N stages kept, for each N of "
                              "this comma list (0: the whole encoder), checkpointing off")
+    parser.add_argument("--step-repeats", type=int, default=1,
+                        help="with --step-cost: steps timed in each process (their median is reported)")
     parser.add_argument("--encode-cost", action="store_true",
                         help="only time encoding one new slice per design (default runtime and torch fp32)")
     parser.add_argument("--repeats", type=int, default=5, help="timed repeats for --encode-cost")
@@ -288,13 +301,21 @@ def main() -> None:
         return
     if args.step_cost:  # one training step per design, checkpointing off and on, each in its own process
         fronts = [int(v) for v in args.front_stages.split(",")] if args.front_stages else []
+        precisions = ["fp32", "bf16"] if args.encoder_precision == "bf16" else ["fp32"]
         for design in args.designs.split(","):
             for mode, front in [("off", f) for f in fronts] or [("off", 0), ("on", 0)]:
-                cmd = [sys.executable, __file__, "--one-step", "--design", design, "--checkpointing", mode,
-                       "--batch", str(args.batch), "--front", str(front)]
-                res, err = result_of(cmd)
-                what = f"{design} checkpointing {mode}, front {front}"
-                print(json.dumps(res) if res else f"{what}: failed\n{err[-2000:]}", flush=True)
+                seconds = {}
+                for precision in precisions:
+                    cmd = [sys.executable, __file__, "--one-step", "--design", design, "--checkpointing", mode,
+                           "--batch", str(args.batch), "--front", str(front), "--encoder-precision", precision,
+                           "--step-repeats", str(args.step_repeats)]
+                    res, err = result_of(cmd)
+                    what = f"{design} checkpointing {mode}, front {front}, {precision}"
+                    print(json.dumps(res) if res else f"{what}: failed\n{err[-2000:]}", flush=True)
+                    seconds[precision] = res["step_seconds"] if res else None
+                if len(precisions) > 1 and all(seconds.values()):
+                    print(f"{design} checkpointing {mode}: bf16 step {seconds['fp32'] / seconds['bf16']:.2f}x "
+                          "faster than fp32", flush=True)
         return
     if args.encode_cost:
         encode_cost(args.designs.split(","), args.repeats)
@@ -308,6 +329,7 @@ def main() -> None:
               str(args.lr), "--slices", str(args.slices), "--val-cases", str(args.val_cases), "--seed", str(args.seed),
               "--encoder-adapters" if args.encoder_adapters else "--no-encoder-adapters",
               "--three-d" if args.three_d else "--no-three-d", "--encoder-checkpointing", args.encoder_checkpointing,
+              "--encoder-precision", args.encoder_precision,
               *(["--embedding-store", str(args.embedding_store)] if args.embedding_store else [])]
     runs = [(dataset, n, design, head) for dataset in args.datasets.split(",")
             for n in (int(v) for v in args.volumes.split(","))

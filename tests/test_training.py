@@ -96,6 +96,58 @@ def test_training_changes_only_adapters_and_heads():
     assert any(part_of(k) == "encoder_adapters" for k in changed)
 
 
+def test_bf16_encoder_training_autocasts_the_trained_passes_only():
+    torch.manual_seed(0)
+    model = AdaptedSam(build_backbone("tiny"), AdapterSettings(), labels=("spleen",))
+    model.freeze_all_but(["decoder_adapters", "encoder_adapters"])
+    settings = TrainSettings(max_epochs=1, steps_per_epoch=2, max_slices_per_volume=2, train_encoder_adapters=True,
+                             encoder_precision="bf16")
+    cpu = torch.device("cpu")
+    samples = prepare_samples(model, [SPLEEN], PreprocessSettings(), settings, cpu)
+    bf16 = AdapterTrainer(model, settings, cpu)
+    fp32 = AdapterTrainer(model, replace(settings, encoder_precision="fp32"), cpu)
+    reference = fp32._embed(samples[:1], grad=False)
+    assert torch.equal(bf16._embed(samples[:1], grad=False), reference)  # validation is never autocast
+    trained = bf16._embed(samples[:1], grad=True)
+    assert trained.dtype == torch.float32 and trained.requires_grad  # the decoder and the losses stay fp32
+    assert torch.equal(fp32._embed(samples[:1], grad=True).detach(), reference)
+    error = float((trained.detach() - reference).norm() / reference.norm())
+    assert 0 < error < 0.05, error  # bf16 rounding, nothing more
+    encoder = {k: v.clone() for k, v in model.state_dict().items() if part_of(k) == "encoder_adapters"}
+    result = bf16.fit(samples, [], feed_logits_before=False)
+    assert result.epochs_run == 1 and np.isfinite(result.history[0]["loss"])
+    after = model.state_dict()
+    assert any(not torch.equal(v, after[k]) for k, v in encoder.items())
+    assert all(v.dtype == torch.float32 for v in after.values() if v.is_floating_point())
+
+
+def test_a_training_step_encodes_each_slice_once_for_sessions_and_head():
+    """Objects of one slice and the prompt-free head share one encoder pass (with gradients) per step,
+    and the step's loss is the sessions' plus the head's, as when each encoded its own."""
+    torch.manual_seed(0)
+    model = AdaptedSam(build_backbone("tiny"), AdapterSettings(), labels=("spleen", "other"))
+    model.freeze_all_but(["decoder_adapters", "encoder_adapters", "prompt_free_head"])
+    settings = TrainSettings(max_slices_per_volume=2, train_encoder_adapters=True, box_probability=0.5)
+    samples = prepare_samples(model, [SPLEEN], PreprocessSettings(), settings, torch.device("cpu"))
+    obj = samples[0].objects[0]
+    halves = np.zeros_like(obj)
+    halves[:, : int(np.flatnonzero(obj.any(0)).mean())] = True  # two objects of one slice
+    items = [(samples[0], obj & halves), (samples[0], obj & ~halves), (samples[1], samples[1].objects[0])]
+    trainer = AdapterTrainer(model, settings, torch.device("cpu"))
+    encoded = []
+    encode = model.encode
+    model.encode = lambda x: encoded.append(len(x)) or encode(x)
+    shared = trainer.step_loss(items, np.random.default_rng(2))
+    assert encoded == [2], encoded  # two slices, one pass
+    encoded.clear()
+    separate = trainer.interactive_loss(items, np.random.default_rng(2)) + trainer.head_step_loss(samples[:2])
+    assert len(encoded) >= 2 and sum(encoded) > 2  # the old way: once per prompt group and again for the head
+    assert torch.allclose(shared, separate, atol=1e-5), (float(shared), float(separate))
+    shared.backward()
+    assert any(p.grad is not None and p.grad.abs().sum() > 0
+               for n, p in model.named_parameters() if part_of(n) == "encoder_adapters")
+
+
 def test_labels_of_the_wrong_shape_are_refused(tmp_path):
     import nibabel as nib
 
@@ -129,7 +181,8 @@ def test_train_options_parse_like_clients_send_them():
     chosen, _ = AdapterTrainTask.settings_from_request({"selection_metric": "click1_dice"})
     assert chosen.selection_metric == "click1_dice"
     for bad in ({"max_epochs": "many"}, {"max_epochs": 0}, {"learning_rate": -1}, {"publish": "sometimes"},
-                {"selection_metric": "loss"}, {"lone_click_share": 1.5}):
+                {"selection_metric": "loss"}, {"lone_click_share": 1.5}, {"encoder_precision": "fp16"},
+                {"encoder_checkpointing": "sometimes"}):
         with pytest.raises(TrainingDataError):
             AdapterTrainTask.settings_from_request(bad)
 

@@ -29,11 +29,13 @@ from lib.core.distributed import DistributedJob, train_distributed
 from lib.core.engine import InteractiveSegmenter, publish_adapters
 from lib.core.model import AdaptedSam
 from lib.core.training import (
+    ENCODER_PRECISIONS,
     AdapterTrainer,
     LabelledVolume,
     TrainingDataError,
     TrainSettings,
     clone_for_training,
+    encoder_option_problem,
     prepare_samples,
     split_volumes,
 )
@@ -94,6 +96,7 @@ class AdapterTrainTask(TrainTask):
             "val_split": defaults.val_fraction,
             "max_slices_per_volume": defaults.max_slices_per_volume,
             "train_encoder_adapters": torch.cuda.is_available(),
+            "encoder_precision": list(ENCODER_PRECISIONS),  # bf16: encoder rounds faster on bf16 CPUs and GPUs
             "train_prompt_free_head": True,
             "publish": ["if_better", "always"],
             "seed": defaults.seed,
@@ -137,7 +140,7 @@ class AdapterTrainTask(TrainTask):
             raise TrainingDataError(f"train option 'selection_metric' must be one of {list(dict.fromkeys(metrics))}")
         if not 0 <= settings.lone_click_share <= 1:
             raise TrainingDataError("train option 'lone_click_share' must be between 0 and 1")
-        problem = design_option_problem(asdict(settings))
+        problem = design_option_problem(asdict(settings)) or encoder_option_problem(settings)
         if problem:
             raise TrainingDataError(problem)
         publish = value("publish", str, "if_better")
