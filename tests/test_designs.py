@@ -283,6 +283,8 @@ def test_bad_train_options_are_a_422_before_a_round(server):
         ({"max_epochs": 0}, "max_epochs"),
         ({"learning_rate": "fast"}, "learning_rate"),
         ({"publish": "never"}, "publish"),
+        ({"encoder_precision": "fp16"}, "encoder_precision"),
+        ({"encoder_checkpointing": "always"}, "encoder_checkpointing"),
     )
     for body, named in bad:
         response = requests.post(f"{server.url}/train/medsam", json=body, timeout=60)
