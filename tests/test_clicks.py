@@ -418,7 +418,10 @@ def test_a_click_on_the_spleens_small_tip_does_not_take_a_moved_boxs_larger_answ
     pixels, gt = view.slice(image.array, 3), view.slice(label.array, 3) > 0
     profile = load_profile(APP / "configs" / "lite_medsam.toml")
     assert profile.inference.lone_click_recentre_growth == 1.5  # the opt-in's limit
-    profile = replace(profile, inference=replace(profile.inference, lone_click_recentre=True))
+    # the encoder pinned to what "auto" serves on a quiet CPU: "auto" times its runtimes, and under load it can
+    # pick another, whose embedding moves this near-tied scale choice (a failure seen beside a training round)
+    profile = replace(profile, inference=replace(profile.inference, lone_click_recentre=True,
+                                                 encoder_runtime="openvino_mixed"))
     cache = EmbeddingCache(256)
     fg = np.array([[83, 121]])
     assert gt[83, 121]
