@@ -58,7 +58,14 @@ from lib.core.engine import InteractiveSegmenter, publish_adapters  # noqa: E402
 from lib.core.eval_backends import InProcessBackend  # noqa: E402
 from lib.core.evaluation import EvalSettings, evaluate_cases  # noqa: E402
 from lib.core.model import AdaptedSam  # noqa: E402
-from lib.core.training import AdapterTrainer, LabelledVolume, TrainSettings, prepare_samples  # noqa: E402
+from lib.core.training import (  # noqa: E402
+    CHECKPOINTING_MODES,
+    ENCODER_PRECISIONS,
+    AdapterTrainer,
+    LabelledVolume,
+    TrainSettings,
+    prepare_samples,
+)
 
 DATA = ROOT.parent / "shared" / "data"
 DESIGNS = ("msa", "samus", "depth")
@@ -262,10 +269,10 @@ def main() -> None:
     parser.add_argument("--val-cases", type=int, default=10)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--encoder-adapters", action=argparse.BooleanOptionalAction, default=True)
-    parser.add_argument("--encoder-checkpointing", choices=["auto", "on", "off"], default="auto",
+    parser.add_argument("--encoder-checkpointing", choices=CHECKPOINTING_MODES, default="auto",
                         help="activation checkpointing of the trained encoder (auto: on for depth); the same "
                              "gradients, so only time and memory change")
-    parser.add_argument("--encoder-precision", choices=["fp32", "bf16"], default="fp32",
+    parser.add_argument("--encoder-precision", choices=ENCODER_PRECISIONS, default="fp32",
                         help="the trained encoder's passes under bf16 autocast (TrainSettings.encoder_precision); "
                              "with --step-cost: time bf16 too")
     parser.add_argument("--three-d", action=argparse.BooleanOptionalAction, default=True,
